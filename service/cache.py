@@ -1,0 +1,146 @@
+"""User-vector caches: Redis when ``REDIS_URL`` is set, else an in-process LRU.
+
+Keys carry the model version and a hash of the normalised user text, so a model swap makes old
+entries unreachable without a flush. Redis failures never fail a request: the call returns a
+miss, a counter goes up, and Redis is skipped for ``retry_s`` before it is tried again (the client
+reconnects by itself on that next try).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Callable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def cache_key(prefix: str, model_version: str, user_text: str) -> str:
+    digest = hashlib.sha256(user_text.encode("utf-8")).hexdigest()[:32]
+    return f"{prefix}:uv:{model_version}:{digest}"
+
+
+class UserVectorCache(ABC):
+    kind: str
+
+    @abstractmethod
+    async def get(self, key: str) -> np.ndarray | None: ...
+
+    @abstractmethod
+    async def set(self, key: str, vector: np.ndarray) -> None: ...
+
+    async def close(self) -> None:
+        return None
+
+
+class LRUCache(UserVectorCache):
+    """Bounded in-process cache with a TTL; the embedded default (one process, no Redis)."""
+
+    kind = "lru"
+
+    def __init__(self, size: int, ttl_s: float, clock: Callable[[], float] = time.monotonic):
+        self.size = size
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self._data: OrderedDict[str, tuple[float, np.ndarray]] = OrderedDict()
+
+    async def get(self, key: str) -> np.ndarray | None:
+        hit = self._data.get(key)
+        if hit is None:
+            return None
+        expires, vec = hit
+        if self.clock() >= expires:
+            self._data.pop(key, None)
+            return None
+        self._data.move_to_end(key)
+        return vec
+
+    async def set(self, key: str, vector: np.ndarray) -> None:
+        if self.size <= 0:
+            return
+        self._data[key] = (self.clock() + self.ttl_s, vector.astype(np.float32, copy=True))
+        self._data.move_to_end(key)
+        while len(self._data) > self.size:
+            self._data.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class RedisCache(UserVectorCache):
+    """Redis with short timeouts and a back-off after failures; degrade, never fail."""
+
+    kind = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        ttl_s: int,
+        timeout_s: float = 0.05,
+        retry_s: float = 2.0,
+        on_error: Callable[[str], None] | None = None,
+    ) -> None:
+        import redis.asyncio as aioredis
+
+        self.ttl_s = ttl_s
+        self.retry_s = retry_s
+        self.timeout_s = timeout_s
+        self.on_error = on_error or (lambda op: None)
+        self._skip_until = 0.0
+        self.client = aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry_on_timeout=False,
+            health_check_interval=0,
+        )
+
+    @property
+    def available(self) -> bool:
+        return time.monotonic() >= self._skip_until
+
+    def _failed(self, op: str, exc: BaseException) -> None:
+        if self.available:
+            log.warning("redis %s failed (%s: %s); serving without cache for %.1fs",
+                        op, type(exc).__name__, exc, self.retry_s)
+        self._skip_until = time.monotonic() + self.retry_s
+        self.on_error(op)
+
+    async def get(self, key: str) -> np.ndarray | None:
+        if not self.available:
+            return None
+        try:
+            raw = await asyncio.wait_for(self.client.get(key), self.timeout_s * 4)
+        except Exception as exc:  # noqa: BLE001 - any Redis fault is a miss
+            self._failed("get", exc)
+            return None
+        if raw is None:
+            return None
+        return np.frombuffer(raw, dtype=np.float32).copy()
+
+    async def set(self, key: str, vector: np.ndarray) -> None:
+        if not self.available:
+            return
+        try:
+            data = vector.astype(np.float32, copy=False).tobytes()
+            await asyncio.wait_for(self.client.set(key, data, ex=self.ttl_s), self.timeout_s * 4)
+        except Exception as exc:  # noqa: BLE001
+            self._failed("set", exc)
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await asyncio.wait_for(self.client.ping(), self.timeout_s * 4))
+        except Exception:  # noqa: BLE001
+            return False
+
+    async def close(self) -> None:
+        try:
+            await self.client.aclose()
+        except Exception:  # noqa: BLE001
+            pass

@@ -1,0 +1,87 @@
+"""Catalogue parsing: JSONL or CSV, as data only, with file:line errors and no silent drops."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from service.errors import PayloadTooLarge, ValidationFailed
+from service.index import Item
+from service.protocol import CatalogItem
+
+
+def _bad(source: str, line: int, reason: str) -> ValidationFailed:
+    return ValidationFailed(f"{source}:{line}: {reason}",
+                            details={"source": source, "line": line, "reason": reason})
+
+
+def _item(source: str, line: int, raw: object) -> Item:
+    if not isinstance(raw, dict):
+        raise _bad(source, line, "a row must be an object with item_id, domain and title")
+    try:
+        c = CatalogItem.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "row"
+        raise _bad(source, line, f"{field}: {err['msg']}") from None
+    return Item(c.item_id, c.domain, c.title, c.extra_text, c.popularity)
+
+
+def check_unique(items: Iterable[Item], source: str = "items") -> None:
+    seen: dict[str, int] = {}
+    for n, it in enumerate(items, start=1):
+        if it.item_id in seen:
+            raise _bad(source, n, f"duplicate item_id {it.item_id!r} (first at {seen[it.item_id]})")
+        seen[it.item_id] = n
+
+
+def parse_catalog(data: bytes, fmt: str, source: str = "upload", max_rows: int = 2_000_000) -> list[Item]:
+    """Parse an uploaded catalogue. ``fmt`` is ``jsonl`` or ``csv`` (header: item_id, domain,
+    title[, extra_text][, popularity]). Raises ValidationFailed naming the line."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise _bad(source, line, "invalid UTF-8") from None
+    items: list[Item] = []
+    if fmt == "jsonl":
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise _bad(source, n, f"invalid JSON ({exc.msg})") from None
+            items.append(_item(source, n, raw))
+            if len(items) > max_rows:
+                raise PayloadTooLarge(f"catalogue has more than {max_rows} rows (max_upload_rows)")
+    elif fmt == "csv":
+        reader = csv.DictReader(io.StringIO(text))
+        missing = {"item_id", "domain", "title"} - set(reader.fieldnames or [])
+        if missing:
+            raise _bad(source, 1, f"CSV header lacks {sorted(missing)}")
+        for row in reader:
+            n = reader.line_num
+            if None in row:
+                raise _bad(source, n, "more fields than the header")
+            clean = {k: v for k, v in row.items() if v not in (None, "") or k == "title"}
+            items.append(_item(source, n, clean))
+            if len(items) > max_rows:
+                raise PayloadTooLarge(f"catalogue has more than {max_rows} rows (max_upload_rows)")
+    else:
+        raise ValidationFailed(f"unknown catalogue format {fmt!r}; use jsonl or csv",
+                               details={"field": "format"})
+    if not items:
+        raise _bad(source, 1, "catalogue is empty")
+    check_unique(items, source)
+    return items
+
+
+def load_catalog_file(path: Path) -> list[Item]:
+    fmt = "csv" if path.suffix.lower() == ".csv" else "jsonl"
+    return parse_catalog(path.read_bytes(), fmt, source=str(path))

@@ -1,0 +1,290 @@
+"""Per-domain FAISS indexes over item vectors, as immutable snapshots with a save/load lifecycle.
+
+A snapshot owns the catalogue it was built from, the item vectors, and one index per domain whose
+int64 ids are the catalogue rows. Snapshots never change after build: a reindex builds a new one
+beside the live one and the engine swaps one reference.
+
+On disk (``<root>/versions/<index_version>/``): ``items.jsonl``, ``vectors.npy``, one
+``domain-<n>.faiss`` per domain and ``manifest.json`` (domains, checksums, model version) written
+last; the directory is renamed into place, then ``CURRENT`` is moved. A crash mid-write leaves
+only a ``.tmp-*`` directory that the next start removes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import faiss
+import numpy as np
+
+from cprec.text import normalise_title
+from model_store.store import ArtifactError, _fsync_dir, _write_atomic, sha256_file, verify_files
+
+log = logging.getLogger(__name__)
+
+IndexKind = Literal["flat", "hnsw"]
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    item_id: str
+    domain: str
+    title: str
+    extra_text: str | None = None
+    popularity: float = 0.0
+
+    def to_json(self) -> dict[str, object]:
+        d: dict[str, object] = {"item_id": self.item_id, "domain": self.domain, "title": self.title,
+                                "popularity": self.popularity}
+        if self.extra_text:
+            d["extra_text"] = self.extra_text
+        return d
+
+
+def configure_faiss(blas_threshold: int | None = None, database_bs: int | None = None) -> None:
+    """Route batched searches through BLAS (faiss' default threshold of 20 queries keeps batches
+    of 16 on the slow path)."""
+    if blas_threshold is not None:
+        faiss.cvar.distance_compute_blas_threshold = blas_threshold
+    if database_bs is not None:
+        faiss.cvar.distance_compute_blas_database_bs = database_bs
+
+
+def _new_faiss(dim: int, kind: IndexKind, hnsw_m: int, ef_search: int) -> faiss.Index:
+    if kind == "flat":
+        base = faiss.IndexFlatIP(dim)
+    else:
+        base = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        base.hnsw.efConstruction = max(40, 2 * hnsw_m)
+        base.hnsw.efSearch = ef_search
+    return faiss.IndexIDMap2(base)
+
+
+def gpu_available() -> bool:
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+@dataclass
+class ItemIndex:
+    """An immutable catalogue + vectors + per-domain FAISS indexes."""
+
+    version: str
+    model_version: str
+    items: list[Item]
+    vectors: np.ndarray  # [N, D] float32, unit norm
+    kind: IndexKind = "flat"
+    created_at: float = field(default_factory=time.time)
+    by_id: dict[str, int] = field(init=False)
+    by_title: dict[tuple[str, str], int] = field(init=False)
+    rows_by_domain: dict[str, np.ndarray] = field(init=False)
+    popular: dict[str, list[int]] = field(init=False)
+    indexes: dict[str, faiss.Index] = field(init=False)
+    on_gpu: bool = field(default=False, init=False)
+
+    @classmethod
+    def build(
+        cls,
+        items: Sequence[Item],
+        vectors: np.ndarray,
+        model_version: str,
+        kind: IndexKind = "flat",
+        hnsw_m: int = 32,
+        ef_search: int = 128,
+        version: str | None = None,
+        use_gpu: bool = False,
+        indexes: dict[str, faiss.Index] | None = None,
+    ) -> ItemIndex:
+        if len(items) != vectors.shape[0]:
+            raise ValueError(f"{len(items)} items but {vectors.shape[0]} vectors")
+        self = cls(
+            version=version or time.strftime("i%Y%m%d-%H%M%S-", time.gmtime()) + uuid.uuid4().hex[:6],
+            model_version=model_version,
+            items=list(items),
+            vectors=np.ascontiguousarray(vectors, dtype=np.float32),
+            kind=kind,
+        )
+        self.by_id = {}
+        for row, it in enumerate(self.items):
+            if it.item_id in self.by_id:
+                raise ValueError(f"duplicate item_id {it.item_id!r}")
+            self.by_id[it.item_id] = row
+        # (domain, casefolded title) -> row: a history given as titles is excluded too.
+        self.by_title = {(it.domain, normalise_title(it.title).casefold()): r for r, it in enumerate(self.items)}
+        domains: dict[str, list[int]] = {}
+        for row, it in enumerate(self.items):
+            domains.setdefault(it.domain, []).append(row)
+        self.rows_by_domain = {d: np.asarray(r, dtype=np.int64) for d, r in sorted(domains.items())}
+        self.popular = {
+            d: sorted(rows.tolist(), key=lambda r: (-self.items[r].popularity, r))
+            for d, rows in self.rows_by_domain.items()
+        }
+        dim = self.vectors.shape[1]
+        self.indexes = {}
+        for d, rows in self.rows_by_domain.items():
+            if indexes is not None and d in indexes:
+                self.indexes[d] = indexes[d]
+                continue
+            idx = _new_faiss(dim, kind, hnsw_m, ef_search)
+            idx.add_with_ids(self.vectors[rows], rows)
+            self.indexes[d] = idx
+        if use_gpu and gpu_available() and kind == "flat":
+            self._to_gpu()
+        return self
+
+    def _to_gpu(self) -> None:
+        res = faiss.StandardGpuResources()
+        self.indexes = {d: faiss.index_cpu_to_gpu(res, 0, i) for d, i in self.indexes.items()}
+        self._gpu_res = res  # keep alive as long as the indexes
+        self.on_gpu = True
+
+    # -- queries -----------------------------------------------------------------------------
+    @property
+    def domains(self) -> list[str]:
+        return list(self.rows_by_domain)
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def size(self, domain: str) -> int:
+        return int(self.rows_by_domain[domain].shape[0])
+
+    def search(
+        self, domain: str, queries: np.ndarray, k: int, exclude: Iterable[int] = ()
+    ) -> list[list[tuple[int, float]]]:
+        """Top-k (row, score) per query [Q, D] within ``domain``, excluded rows removed.
+
+        Over-fetches by the number of excluded rows in this domain, so the answer stays exact.
+        """
+        excl = {r for r in exclude if self.items[r].domain == domain}
+        n = self.size(domain)
+        fetch = min(n, k + len(excl))
+        if fetch == 0:
+            return [[] for _ in range(queries.shape[0])]
+        q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        scores, ids = self.indexes[domain].search(q, fetch)  # [Q, fetch] each
+        out: list[list[tuple[int, float]]] = []
+        for srow, irow in zip(scores, ids, strict=True):
+            hits = [(int(i), float(s)) for s, i in zip(srow, irow, strict=True)
+                    if i >= 0 and int(i) not in excl]
+            out.append(hits[:k])
+        return out
+
+    def most_popular(self, domain: str, k: int, exclude: Iterable[int] = ()) -> list[int]:
+        excl = set(exclude)
+        return [r for r in self.popular[domain] if r not in excl][:k]
+
+    # -- persistence -------------------------------------------------------------------------
+    def save(self, root: Path) -> Path:
+        """Write this snapshot under ``root/versions/<version>`` atomically and move CURRENT."""
+        versions = root / "versions"
+        versions.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{self.version}-", dir=versions))
+        try:
+            with open(tmp / "items.jsonl", "w", encoding="utf-8") as fh:
+                for it in self.items:
+                    fh.write(json.dumps(it.to_json(), ensure_ascii=False) + "\n")
+            np.save(tmp / "vectors.npy", self.vectors)
+            domain_files = {}
+            for n, (d, idx) in enumerate(self.indexes.items()):
+                cpu = faiss.index_gpu_to_cpu(idx) if self.on_gpu else idx
+                fname = f"domain-{n}.faiss"
+                faiss.write_index(cpu, str(tmp / fname))
+                domain_files[d] = fname
+            files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            manifest = {"version": self.version, "model_version": self.model_version,
+                        "kind": self.kind, "dim": self.dim, "n_items": len(self.items),
+                        "domains": domain_files, "created_at": self.created_at, "files": files,
+                        "complete": True}
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+            for p in tmp.iterdir():
+                with open(p, "rb") as fh:
+                    os.fsync(fh.fileno())
+            final = versions / self.version
+            os.replace(tmp, final)
+            _fsync_dir(versions)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _write_atomic(root / "CURRENT", (self.version + "\n").encode())
+        return final
+
+    @classmethod
+    def load(cls, path: Path, use_gpu: bool = False, ef_search: int | None = None) -> ItemIndex:
+        """Load one saved snapshot after verifying every file's checksum."""
+        try:
+            manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ArtifactError(f"{path / 'manifest.json'}: unreadable ({exc})", "manifest.json") from exc
+        if not manifest.get("complete"):
+            raise ArtifactError(f"{path}: index is not marked complete", "manifest.json")
+        verify_files(path, manifest["files"])
+        items = []
+        with open(path / "items.jsonl", encoding="utf-8") as fh:
+            for line in fh:
+                d = json.loads(line)
+                items.append(Item(d["item_id"], d["domain"], d["title"], d.get("extra_text"),
+                                  float(d.get("popularity", 0.0))))
+        vectors = np.load(path / "vectors.npy")
+        indexes = {d: faiss.read_index(str(path / f)) for d, f in manifest["domains"].items()}
+        if ef_search is not None and manifest["kind"] == "hnsw":
+            for idx in indexes.values():
+                faiss.downcast_index(faiss.downcast_index(idx).index).hnsw.efSearch = ef_search
+        return cls.build(items, vectors, manifest["model_version"], kind=manifest["kind"],
+                         version=manifest["version"], use_gpu=use_gpu, indexes=indexes)
+
+
+class IndexStore:
+    """Saved snapshots for one model version: load the newest complete one, prune old ones."""
+
+    def __init__(self, root: Path, keep: int = 3) -> None:
+        self.root = root
+        self.keep = keep
+
+    def cleanup_partial(self) -> None:
+        """Remove half-written snapshots left by a crash."""
+        versions = self.root / "versions"
+        if versions.is_dir():
+            for p in versions.iterdir():
+                if p.name.startswith(".tmp-"):
+                    shutil.rmtree(p, ignore_errors=True)
+
+    def candidates(self) -> list[Path]:
+        """CURRENT first, then the other complete snapshots newest first."""
+        versions = self.root / "versions"
+        if not versions.is_dir():
+            return []
+        all_dirs = sorted((p for p in versions.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                          key=lambda p: p.stat().st_mtime, reverse=True)
+        current = (self.root / "CURRENT").read_text().strip() if (self.root / "CURRENT").is_file() else None
+        ordered = [p for p in all_dirs if p.name == current] + [p for p in all_dirs if p.name != current]
+        return ordered
+
+    def load_latest(self, use_gpu: bool = False, ef_search: int | None = None) -> ItemIndex | None:
+        """The newest snapshot that verifies; a corrupt one is logged and skipped, never served."""
+        self.cleanup_partial()
+        for path in self.candidates():
+            try:
+                return ItemIndex.load(path, use_gpu=use_gpu, ef_search=ef_search)
+            except (ArtifactError, OSError, ValueError, KeyError, RuntimeError) as exc:
+                log.error("skipping index snapshot %s: %s", path, exc)
+        return None
+
+    def save(self, index: ItemIndex) -> None:
+        index.save(self.root)
+        self.prune(protect=index.version)
+
+    def prune(self, protect: str) -> None:
+        for path in self.candidates()[self.keep:]:
+            if path.name != protect:
+                shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,97 @@
+"""Request and response models of the HTTP API (pydantic); limits come from settings at runtime."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+class TitleEntry(_Strict):
+    """A history entry given as text: any title, known to the catalogue or not."""
+
+    title: str = Field(min_length=1, description="Item title as the user saw it.")
+    domain: str = Field(min_length=1, description="Domain of the item, e.g. Groceries.")
+
+
+class IdEntry(_Strict):
+    """A history entry given as a catalogue id; resolved to its title and domain."""
+
+    item_id: str = Field(min_length=1)
+
+
+class RecommendRequest(_Strict):
+    user_id: str | None = Field(default=None, max_length=256, description="Optional, for logs.")
+    history: list[TitleEntry | IdEntry] = Field(
+        default_factory=list, description="Interactions, oldest first; mixed domains allowed."
+    )
+    target_domains: list[str] | None = Field(
+        default=None, description="Domains to recommend in; default: every domain."
+    )
+    k: int = Field(default=10, ge=1, le=200, description="Items per target domain.")
+    exclude_history: bool = Field(default=True, description="Never recommend a history item.")
+
+    @model_validator(mode="after")
+    def _unique_domains(self) -> RecommendRequest:
+        if self.target_domains is not None:
+            if len(self.target_domains) == 0:
+                raise ValueError("target_domains must be omitted or non-empty")
+            if len(set(self.target_domains)) != len(self.target_domains):
+                raise ValueError("target_domains contains duplicates")
+        return self
+
+
+class ScoredItem(BaseModel):
+    item_id: str
+    title: str
+    score: float
+
+
+class RecommendResponse(BaseModel):
+    model_version: str
+    index_version: str
+    cached: bool = Field(description="The user vector came from the cache.")
+    cold_start: bool = Field(
+        default=False, description="Empty history: results are each domain's most popular items."
+    )
+    results: dict[str, list[ScoredItem]]
+
+
+class CatalogItem(_Strict):
+    item_id: str = Field(min_length=1, max_length=256)
+    domain: str = Field(min_length=1, max_length=128)
+    title: str = Field(min_length=1)
+    extra_text: str | None = Field(default=None, description="Optional extra item text.")
+    popularity: float = Field(default=0.0, ge=0, description="For cold-start answers.")
+
+
+class ReindexRequest(_Strict):
+    mode: Literal["full", "upsert", "delete"] = "full"
+    items: list[CatalogItem] | None = Field(default=None, description="For full and upsert.")
+    item_ids: list[str] | None = Field(default=None, description="For delete.")
+
+    @model_validator(mode="after")
+    def _payload_matches_mode(self) -> ReindexRequest:
+        if self.mode == "delete":
+            if not self.item_ids:
+                raise ValueError("mode 'delete' needs a non-empty item_ids list")
+        elif not self.items:
+            raise ValueError(f"mode {self.mode!r} needs a non-empty items list")
+        return self
+
+
+class JobStatus(BaseModel):
+    job_id: str
+    mode: str
+    state: Literal["queued", "running", "succeeded", "failed"]
+    total: int = 0
+    embedded: int = 0
+    progress: float = 0.0
+    index_version: str | None = None
+    error: str | None = None
+    created_at: float
+    finished_at: float | None = None

@@ -1,0 +1,125 @@
+"""Service settings: one env var per setting (prefix ``CPREC_``), each with its trade-off.
+
+``REDIS_URL`` is read without the prefix because that is the name every platform injects.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEMO_CATALOG = Path(__file__).resolve().parent / "data" / "demo_catalog.jsonl"
+
+
+class Settings(BaseSettings):
+    """Resolved once at start and logged with secrets redacted."""
+
+    model_config = SettingsConfigDict(env_prefix="CPREC_", extra="ignore", frozen=True)
+
+    env: Literal["development", "production"] = Field(
+        default="development",
+        description="production refuses unsafe settings (e.g. binding 0.0.0.0 without a token).",
+    )
+    host: str = Field(default="127.0.0.1", description="Bind address; loopback unless deployed.")
+    port: int = Field(default=8000, ge=1, le=65535)
+    store_dir: Path = Field(
+        default=Path("var/store"),
+        description="Model store root (versions, aliases, converted bases) and saved indexes.",
+    )
+    model: str = Field(
+        default="production",
+        description="Store alias/version to serve. If it does not exist, base_model is served.",
+    )
+    base_model: str = Field(
+        default="minilm-l6",
+        description="Fallback encoder: a bundled name (minilm-l6, smollm2-135m) or a local HF dir.",
+    )
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
+    dtype: str = Field(
+        default="auto",
+        description="auto | float32 | bfloat16 | float16. auto = bf16 on CUDA and on CPUs with "
+        "native bf16 (2x faster, cosine 0.9999 to fp32), else fp32.",
+    )
+    max_length: int = Field(default=256, ge=8, le=8192, description="Tokens per text (user or item).")
+    history_max_items: int = Field(
+        default=20, ge=1, le=1000, description="Most recent history items written into user text."
+    )
+    catalog_path: Path = Field(
+        default=DEMO_CATALOG,
+        description="Catalogue (JSONL) indexed at first start when no saved index exists.",
+    )
+    # batching
+    batching: bool = Field(default=True, description="Coalesce concurrent encodes into one forward.")
+    max_batch_size: int = Field(default=32, ge=1, le=1024)
+    max_wait_ms: float = Field(
+        default=2.0, ge=0, le=1000,
+        description="How long the first request of a batch waits for company; adds at most this "
+        "much latency when idle.",
+    )
+    batch_token_budget: int = Field(
+        default=16384, ge=64, description="Max padded tokens (batch x longest) per forward pass."
+    )
+    queue_size: int = Field(default=256, ge=1, description="Pending encodes before 429.")
+    # cache
+    redis_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("REDIS_URL", "CPREC_REDIS_URL"),
+        description="Redis for user vectors; unset = in-process LRU.",
+    )
+    redis_prefix: str = Field(default="cprec", description="Key prefix; keys we own only.")
+    redis_timeout_s: float = Field(default=0.05, gt=0, le=10, description="Socket timeout.")
+    redis_retry_s: float = Field(
+        default=2.0, ge=0, description="After a Redis failure, skip it this long, then retry."
+    )
+    cache_ttl_s: int = Field(default=3600, ge=1, description="User-vector TTL.")
+    lru_size: int = Field(default=10000, ge=0, description="In-process cache entries (no Redis).")
+    # index
+    index_kind: Literal["flat", "hnsw"] = Field(
+        default="flat", description="flat = exact; hnsw = approximate for large catalogues."
+    )
+    hnsw_m: int = Field(default=32, ge=4, le=128)
+    hnsw_ef_search: int = Field(default=128, ge=8, le=4096)
+    faiss_gpu: bool = Field(default=True, description="Move indexes to the GPU when possible.")
+    embed_batch_size: int = Field(default=64, ge=1, le=4096, description="Reindex batch size.")
+    # request limits
+    max_k: int = Field(default=200, ge=1, le=10000)
+    max_history: int = Field(default=500, ge=1, description="History entries per request.")
+    max_title_chars: int = Field(default=1000, ge=1)
+    max_target_domains: int = Field(default=64, ge=1)
+    max_body_bytes: int = Field(default=1 << 20, ge=1024, description="JSON body limit.")
+    max_upload_bytes: int = Field(default=64 << 20, ge=1024, description="Catalogue upload limit.")
+    max_upload_rows: int = Field(default=2_000_000, ge=1)
+    # admin
+    admin_token: SecretStr | None = Field(
+        default=None, description="Bearer token for admin endpoints; unset = admin endpoints off."
+    )
+    cors_origins: list[str] = Field(default_factory=list, description="Empty = CORS off.")
+    log_level: str = Field(default="INFO")
+
+    @field_validator("admin_token")
+    @classmethod
+    def _token_strength(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and v.get_secret_value() == "":
+            return None
+        if v is not None and len(v.get_secret_value()) < 8:
+            raise ValueError("admin token must be at least 8 characters")
+        return v
+
+    @model_validator(mode="after")
+    def _production_safety(self) -> Settings:
+        if self.env == "production" and self.admin_token is not None:
+            if self.admin_token.get_secret_value() in {"changeme", "change-me", "password"}:
+                raise ValueError("refusing a default admin token in production")
+        return self
+
+    def redacted(self) -> dict[str, object]:
+        """The resolved config for the start-up log; secrets and credentials hidden."""
+        data = self.model_dump()
+        data["admin_token"] = "***" if self.admin_token else None
+        if self.redis_url and "@" in self.redis_url:
+            scheme, rest = self.redis_url.split("://", 1)
+            data["redis_url"] = f"{scheme}://***@{rest.split('@', 1)[1]}"
+        return {k: str(v) if isinstance(v, Path) else v for k, v in data.items()}
