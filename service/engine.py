@@ -246,8 +246,10 @@ class Engine:
         return vec, False
 
     async def recommend(self, req: RecommendRequest) -> RecommendResponse:
-        if not self.ready or self.index is None:
-            raise NotReady("the service is not ready (loading or draining)")
+        # Only a missing index refuses: while draining (/ready already 503) requests that reached
+        # us are still answered, so a SIGTERM never fails in-flight traffic.
+        if self.index is None:
+            raise NotReady("the service is not ready (still loading)")
         idx = self.index  # one snapshot for the whole request
         if req.k > self.settings.max_k:
             raise ValidationFailed(f"k={req.k} exceeds max_k={self.settings.max_k}",
