@@ -186,7 +186,9 @@ class ModelStore:
             raise ArtifactError(f"publish source {src} is not a directory")
         data = dict(manifest.model_dump() if isinstance(manifest, Manifest) else manifest)
         version = data.get("version") or time.strftime("v%Y%m%d-%H%M%S", time.gmtime())
-        self._check_name(version)
+        aliases = list(aliases)
+        for name in (version, *aliases):  # refuse bad names before anything is written
+            self._check_name(name)
         final = self.versions_dir / version
         if final.exists():
             raise ArtifactError(f"version {version!r} already exists in {self.versions_dir}")
