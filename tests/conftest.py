@@ -5,11 +5,11 @@ Real models (MiniLM, SmolLM2) and the Redis server are session-scoped: loaded or
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -23,37 +23,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-ADMIN_TOKEN = "test-admin-token-123"
+sys.path.insert(0, str(Path(__file__).resolve().parent / "service"))
 
-# Titles share words inside a domain so the bag-of-words FakeEncoder ranks them meaningfully.
-CATALOG: list[dict[str, Any]] = [
-    {"item_id": "g1", "domain": "Groceries", "title": "Dark Roast Coffee Beans", "popularity": 50},
-    {"item_id": "g2", "domain": "Groceries", "title": "Espresso Coffee Pods", "popularity": 80},
-    {"item_id": "g3", "domain": "Groceries", "title": "Decaf Coffee Ground", "popularity": 10},
-    {"item_id": "g4", "domain": "Groceries", "title": "Green Tea Bags", "popularity": 90},
-    {"item_id": "g5", "domain": "Groceries", "title": "Organic Wildflower Honey", "popularity": 30},
-    {"item_id": "g6", "domain": "Groceries", "title": "Oat Milk Barista Edition", "popularity": 20},
-    {"item_id": "b1", "domain": "Books", "title": "The Coffee Lover Cookbook", "popularity": 5},
-    {"item_id": "b2", "domain": "Books", "title": "A History of Tea", "popularity": 40},
-    {"item_id": "b3", "domain": "Books", "title": "Space Opera Saga Volume One", "popularity": 70},
-    {"item_id": "b4", "domain": "Books", "title": "Space Opera Saga Volume Two", "popularity": 60},
-    {"item_id": "b5", "domain": "Books", "title": "Gardening for Beginners", "popularity": 15},
-    {"item_id": "m1", "domain": "Movies", "title": "Space Battle Saga", "popularity": 25},
-    {"item_id": "m2", "domain": "Movies", "title": "Coffee Shop Romance", "popularity": 35},
-    {"item_id": "m3", "domain": "Movies", "title": "The Haunted Garden", "popularity": 45},
-    {"item_id": "m4", "domain": "Movies", "title": "Tea Ceremony Documentary", "popularity": 55},
-]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
+from svc_util import ADMIN_TOKEN, CATALOG, free_port, write_jsonl  # noqa: E402
 
 
 @pytest.fixture
@@ -95,24 +67,6 @@ def app_client(make_settings: Callable[..., Any]) -> Callable[..., Any]:
                 yield client, engine, enc
 
     return make
-
-
-def admin() -> dict[str, str]:
-    return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-
-
-async def wait_job(client: httpx.AsyncClient, job_id: str, timeout: float = 60) -> dict[str, Any]:
-    import asyncio
-
-    deadline = time.monotonic() + timeout
-    while True:
-        r = await client.get(f"/items/reindex/{job_id}", headers=admin())
-        assert r.status_code == 200, r.text
-        body = r.json()
-        if body["state"] in ("succeeded", "failed"):
-            return body
-        assert time.monotonic() < deadline, f"job {job_id} still {body['state']}"
-        await asyncio.sleep(0.02)
 
 
 # -- tiny random models --------------------------------------------------------------------------
