@@ -123,11 +123,22 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errs = [{"field": _loc(e.get("loc", ())), "reason": e.get("msg", ""), "type": e.get("type")}
                 for e in exc.errors()]
+        for e, out in zip(exc.errors(), errs, strict=True):
+            if e.get("type") == "json_invalid":  # loc is ("body", char offset): say so plainly
+                pos = (list(e.get("loc", ())) + [None, None])[1]
+                out["field"] = "body"
+                out["reason"] = (f"invalid JSON at character {pos}: "
+                                 f"{(e.get('ctx') or {}).get('error', 'decode error')}")
         first = errs[0] if errs else {"field": "body", "reason": "invalid"}
         return _render("validation_error", 422, f"{first['field']}: {first['reason']}", errs)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+            # FastAPI turns a body that is not UTF-8 into a bare 400; name the field and reason.
+            reason = f"body is not valid UTF-8 (byte {exc.__cause__.start})"
+            return _render("validation_error", 422, f"body: {reason}",
+                           [{"field": "body", "reason": reason, "type": "utf8_invalid"}])
         code = {404: "not_found", 405: "method_not_allowed",
                 413: "payload_too_large"}.get(exc.status_code, "http_error")
         return _render(code, exc.status_code, str(exc.detail), None,

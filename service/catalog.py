@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from service.errors import PayloadTooLarge, ValidationFailed
+from service.errors import Forbidden, PayloadTooLarge, ValidationFailed
 from service.index import Item
 from service.protocol import CatalogItem
 
@@ -80,6 +80,39 @@ def parse_catalog(data: bytes, fmt: str, source: str = "upload", max_rows: int =
         raise _bad(source, 1, "catalogue is empty")
     check_unique(items, source)
     return items
+
+
+def resolve_catalog_path(base: Path | None, rel: str, max_bytes: int) -> Path:
+    """A client-named catalogue file, only if it lies inside ``base`` (``CPREC_CATALOG_DIR``).
+
+    Refused: the option when no directory is configured (403), absolute paths, ``..`` parts, and
+    anything whose real path (symlinks followed) leaves ``base`` (422); missing files (422);
+    files over ``max_bytes`` (413). The error never echoes the resolved server path.
+    """
+    if base is None:
+        raise Forbidden("reading catalogues by path is disabled: set CPREC_CATALOG_DIR to a "
+                        "directory to allow it", details={"field": "path"})
+
+    def bad(reason: str) -> ValidationFailed:
+        return ValidationFailed(f"path: {reason}", details={"field": "path", "reason": reason})
+
+    if "\x00" in rel:
+        raise bad("contains a NUL byte")
+    p = Path(rel)
+    if p.is_absolute() or rel.startswith(("/", "\\")):
+        raise bad("must be relative to CPREC_CATALOG_DIR, not absolute")
+    if ".." in p.parts or ".." in rel.replace("\\", "/").split("/"):
+        raise bad("must not contain '..'")
+    root = Path(base).resolve()
+    target = (root / p).resolve()
+    if not target.is_relative_to(root):
+        raise bad("resolves outside CPREC_CATALOG_DIR (symlink)")
+    if not target.is_file():
+        raise bad("no such catalogue file in CPREC_CATALOG_DIR")
+    if target.stat().st_size > max_bytes:
+        raise PayloadTooLarge(f"path: file exceeds {max_bytes} bytes (max_upload_bytes)",
+                              details={"field": "path", "limit": max_bytes})
+    return target
 
 
 def load_catalog_file(path: Path) -> list[Item]:

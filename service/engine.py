@@ -223,7 +223,8 @@ class Engine:
         if len(req.target_domains) > self.settings.max_target_domains:
             raise ValidationFailed(
                 f"{len(req.target_domains)} target domains; the limit is "
-                f"{self.settings.max_target_domains}", details={"field": "target_domains"})
+                f"{self.settings.max_target_domains} (max_target_domains)",
+                details={"field": "target_domains", "limit": self.settings.max_target_domains})
         unknown = [d for d in req.target_domains if d not in idx.rows_by_domain]
         if unknown:
             raise ValidationFailed(
@@ -323,9 +324,12 @@ class Engine:
         return index
 
     def submit_reindex(self, mode: str, items: list[Item] | None = None,
-                       item_ids: list[str] | None = None, upload: tuple[bytes, str] | None = None
-                       ) -> JobStatus:
-        """Start a background reindex job; 409 while another one is queued or running."""
+                       item_ids: list[str] | None = None, upload: tuple[bytes, str] | None = None,
+                       path: Path | None = None) -> JobStatus:
+        """Start a background reindex job; 409 while another one is queued or running.
+
+        ``path`` is a catalogue file already resolved inside ``catalog_dir`` (see
+        :func:`service.catalog.resolve_catalog_path`); it is read and parsed in the job."""
         if not self.ready or self.index is None:
             raise NotReady("the service is not ready")
         active = [j for j in self.jobs.values() if j.state in ("queued", "running")]
@@ -345,7 +349,7 @@ class Engine:
         self.jobs[job.job_id] = job
         while len(self.jobs) > 100:
             self.jobs.popitem(last=False)
-        task = asyncio.create_task(self._run_job(job, items, item_ids, upload))
+        task = asyncio.create_task(self._run_job(job, items, item_ids, upload, path))
         self._job_tasks.add(task)
         task.add_done_callback(self._job_tasks.discard)
         self.metrics.reindex_jobs.labels("submitted").inc()
@@ -357,10 +361,14 @@ class Engine:
         return self.jobs[job_id]
 
     async def _run_job(self, job: JobStatus, items: list[Item] | None,
-                       item_ids: list[str] | None, upload: tuple[bytes, str] | None) -> None:
+                       item_ids: list[str] | None, upload: tuple[bytes, str] | None,
+                       path: Path | None = None) -> None:
         async with self._write_lock:
             job.state = "running"
             try:
+                if path is not None:  # server-side file, parsed exactly like an upload
+                    fmt = "csv" if path.suffix.lower() == ".csv" else "jsonl"
+                    upload = (await asyncio.to_thread(path.read_bytes), fmt)
                 if upload is not None:
                     from service.catalog import parse_catalog
 

@@ -73,14 +73,21 @@ class ReindexRequest(_Strict):
     mode: Literal["full", "upsert", "delete"] = "full"
     items: list[CatalogItem] | None = Field(default=None, description="For full and upsert.")
     item_ids: list[str] | None = Field(default=None, description="For delete.")
+    path: str | None = Field(
+        default=None, min_length=1, max_length=1024,
+        description="For full and upsert instead of items: a JSONL/CSV file relative to the "
+        "server's CPREC_CATALOG_DIR (off unless configured).",
+    )
 
     @model_validator(mode="after")
     def _payload_matches_mode(self) -> ReindexRequest:
         if self.mode == "delete":
             if not self.item_ids:
                 raise ValueError("mode 'delete' needs a non-empty item_ids list")
-        elif not self.items:
-            raise ValueError(f"mode {self.mode!r} needs a non-empty items list")
+        elif self.items and self.path is not None:
+            raise ValueError("give either items or path, not both")
+        elif not self.items and self.path is None:
+            raise ValueError(f"mode {self.mode!r} needs a non-empty items list (or a path)")
         return self
 
 

@@ -8,6 +8,7 @@ from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from service.catalog import resolve_catalog_path
 from service.deps import AdminDep, EngineDep
 from service.errors import PayloadTooLarge, ValidationFailed
 from service.index import Item
@@ -28,7 +29,11 @@ async def reindex(req: ReindexRequest, engine: EngineDep, _: AdminDep) -> JobSta
     items = None
     if req.items is not None:
         items = [Item(i.item_id, i.domain, i.title, i.extra_text, i.popularity) for i in req.items]
-    return engine.submit_reindex(req.mode, items=items, item_ids=req.item_ids)
+    path = None
+    if req.path is not None and req.mode != "delete":  # only inside CPREC_CATALOG_DIR
+        s = engine.settings
+        path = resolve_catalog_path(s.catalog_dir, req.path, s.max_upload_bytes)
+    return engine.submit_reindex(req.mode, items=items, item_ids=req.item_ids, path=path)
 
 
 @router.post("/items/reindex/upload", status_code=202, response_model=JobStatus, tags=["admin"])

@@ -51,6 +51,13 @@ class Settings(BaseSettings):
         default=DEMO_CATALOG,
         description="Catalogue (JSONL) indexed at first start when no saved index exists.",
     )
+    # Reliability/security (issue 4): the only server-side files a client may name are inside
+    # this directory; unset = the reindex "path" option is off (uploads and inline items work).
+    catalog_dir: Path | None = Field(
+        default=None,
+        description="Directory admin reindex requests may read catalogues from by relative path "
+        '({"path": "x.jsonl"}); ".." and absolute paths, and symlinks leaving it, are refused.',
+    )
     # batching
     batching: bool = Field(default=True, description="Coalesce concurrent encodes into one forward.")
     max_batch_size: int = Field(default=32, ge=1, le=1024)
