@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
@@ -36,31 +36,40 @@ class BodyLimit:
         limit = self.upload_limit if scope["path"].endswith("/upload") else self.limit
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            await _send_413(send, limit)
+        if declared is not None and declared.isdigit():
+            if int(declared) > limit:
+                await _send_413(send, limit)
+                return
+            # The server enforces the declared length, so the body cannot exceed it.
+            await self.app(scope, receive, send)
             return
+        # No Content-Length (chunked): read the body up to the limit before the app runs. An
+        # error raised from receive() inside the app would reach FastAPI wrapped in an
+        # ExceptionGroup (BaseHTTPMiddleware's task group) and be answered as a 400.
+        chunks: list[bytes] = []
         seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
+        while True:
             msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > limit:
-                    raise _TooLarge(limit)
-            return msg
+            if msg["type"] != "http.request":
+                return  # the client went away
+            chunk = msg.get("body", b"")
+            seen += len(chunk)
+            if seen > limit:
+                await _send_413(send, limit)
+                return
+            chunks.append(chunk)
+            if not msg.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await _send_413(send, limit)
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
 
-
-class _TooLarge(HTTPException):
-    """An HTTPException so FastAPI re-raises it from body parsing instead of turning it into 400."""
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, f"request body exceeds {limit} bytes (max_body_bytes)")
+        await self.app(scope, replay, send)
 
 
 async def _send_413(send: Send, limit: int) -> None:

@@ -57,7 +57,7 @@ def app_client(make_settings: Callable[..., Any]) -> Callable[..., Any]:
 
     @asynccontextmanager
     async def make(encoder: Any = None, **overrides: Any) -> AsyncIterator[tuple[Any, Any, Any]]:
-        enc = encoder or FakeEncoder()
+        enc = encoder or FakeEncoder(dim=512)
         engine = Engine(make_settings(**overrides), encoder=enc, model_version="fake-v1")
         app = create_app(engine=engine)
         async with app.router.lifespan_context(app):

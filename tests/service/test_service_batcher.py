@@ -1,0 +1,151 @@
+"""Dynamic batching: coalescing, exactness, back-pressure, token budget, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from service.batcher import Batcher
+from service.encoder import FakeEncoder
+from service.errors import Overloaded
+from service.metrics import Metrics
+
+TEXTS = [f"user {i} likes coffee number {i} and tea {i % 3}" for i in range(24)]
+
+
+class BlockingEncoder(FakeEncoder):
+    """Holds every forward pass until ``release`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.entered = threading.Event()
+
+    def core(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+        self.entered.set()
+        assert self.release.wait(10)
+        return super().core(batch)
+
+
+class FailingEncoder(FakeEncoder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail = True
+
+    def core(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+        if self.fail:
+            self.calls += 1
+            raise RuntimeError("device on fire")
+        return super().core(batch)
+
+
+async def _batcher(enc: FakeEncoder, **kw: object) -> Batcher:
+    b = Batcher(enc, **kw)  # type: ignore[arg-type]
+    await b.start()
+    return b
+
+
+async def test_concurrent_embeds_coalesce_and_match_unbatched() -> None:
+    enc = FakeEncoder()
+    metrics = Metrics()
+    b = await _batcher(enc, metrics=metrics, max_batch_size=64, max_wait_ms=100)
+    try:
+        out = await asyncio.gather(*(b.embed(t) for t in TEXTS))
+    finally:
+        await b.stop()
+    assert sum(enc.batch_sizes) == len(TEXTS)
+    assert enc.calls <= 3 and max(enc.batch_sizes) >= 8, enc.batch_sizes
+    expected = FakeEncoder().encode(TEXTS, "query")
+    np.testing.assert_allclose(np.stack(out), expected, atol=1e-6)
+    assert metrics.batch_size._sum.get() == len(TEXTS)  # type: ignore[attr-defined]
+
+
+async def test_max_batch_size_caps_batches() -> None:
+    enc = FakeEncoder()
+    b = await _batcher(enc, max_batch_size=4, max_wait_ms=50)
+    try:
+        await asyncio.gather(*(b.embed(t) for t in TEXTS))
+    finally:
+        await b.stop()
+    assert max(enc.batch_sizes) <= 4 and sum(enc.batch_sizes) == len(TEXTS)
+    assert enc.calls >= len(TEXTS) // 4
+
+
+async def test_token_budget_splits_batches() -> None:
+    enc = FakeEncoder()
+    width = len(enc.pre([TEXTS[0]], "query")[0])
+    assert all(len(enc.pre([t], "query")[0]) == width for t in TEXTS)
+    budget = width * 5  # at most 5 of these texts per forward
+    b = await _batcher(enc, max_batch_size=64, max_wait_ms=50, token_budget=budget)
+    try:
+        out = await asyncio.gather(*(b.embed(t) for t in TEXTS))
+    finally:
+        await b.stop()
+    assert sum(enc.batch_sizes) == len(TEXTS)
+    assert max(enc.batch_sizes) == 5, enc.batch_sizes
+    np.testing.assert_allclose(np.stack(out), FakeEncoder().encode(TEXTS, "query"), atol=1e-6)
+
+
+async def test_batching_disabled_runs_one_by_one() -> None:
+    enc = FakeEncoder()
+    b = await _batcher(enc, enabled=False)
+    try:
+        out = await asyncio.gather(*(b.embed(t) for t in TEXTS[:6]))
+    finally:
+        await b.stop()
+    assert enc.calls == 6 and enc.batch_sizes == [1] * 6
+    np.testing.assert_allclose(np.stack(out), FakeEncoder().encode(TEXTS[:6], "query"), atol=1e-6)
+
+
+async def test_queue_full_is_overloaded() -> None:
+    enc = BlockingEncoder()
+    b = await _batcher(enc, max_batch_size=1, max_wait_ms=0, queue_size=2)
+    try:
+        first = asyncio.create_task(b.embed(TEXTS[0]))
+        await asyncio.to_thread(enc.entered.wait, 5)  # the worker is stuck in the forward pass
+        second = asyncio.create_task(b.embed(TEXTS[1]))
+        for _ in range(100):
+            if b.depth >= 2:
+                break
+            await asyncio.sleep(0.01)
+        assert b.depth == 2
+        with pytest.raises(Overloaded) as ei:
+            await b.embed(TEXTS[2])
+        assert ei.value.http_status == 429 and ei.value.headers["Retry-After"] == "1"
+        enc.release.set()
+        v1, v2 = await asyncio.gather(first, second)
+        np.testing.assert_allclose(np.stack([v1, v2]), FakeEncoder().encode(TEXTS[:2], "query"),
+                                   atol=1e-6)
+        # The queue drained: new work is accepted again.
+        assert (await b.embed(TEXTS[3])).shape == (enc.dim,)
+    finally:
+        enc.release.set()
+        await b.stop()
+
+
+async def test_encoder_exception_reaches_every_waiter_and_worker_survives() -> None:
+    enc = FailingEncoder()
+    b = await _batcher(enc, max_batch_size=64, max_wait_ms=50)
+    try:
+        res = await asyncio.gather(*(b.embed(t) for t in TEXTS[:8]), return_exceptions=True)
+        assert all(isinstance(r, RuntimeError) and "on fire" in str(r) for r in res), res
+        assert enc.calls < 8  # they failed together, in shared batches
+        enc.fail = False
+        ok = await b.embed(TEXTS[0])
+        np.testing.assert_allclose(ok, FakeEncoder().encode(TEXTS[:1], "query")[0], atol=1e-6)
+        assert b.depth == 0
+    finally:
+        await b.stop()
+
+
+async def test_embed_before_start_is_an_error() -> None:
+    b = Batcher(FakeEncoder())
+    try:
+        with pytest.raises(RuntimeError, match="not started"):
+            await b.embed("x")
+    finally:
+        await b.stop()
