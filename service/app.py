@@ -33,12 +33,14 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.upload_limit if scope["path"].endswith("/upload") else self.limit
+        upload = scope["path"].endswith("/upload")
+        limit = self.upload_limit if upload else self.limit
+        name = "max_upload_bytes" if upload else "max_body_bytes"
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit():
             if int(declared) > limit:
-                await _send_413(send, limit)
+                await _send_413(send, limit, name)
                 return
             # The server enforces the declared length, so the body cannot exceed it.
             await self.app(scope, receive, send)
@@ -55,7 +57,7 @@ class BodyLimit:
             chunk = msg.get("body", b"")
             seen += len(chunk)
             if seen > limit:
-                await _send_413(send, limit)
+                await _send_413(send, limit, name)
                 return
             chunks.append(chunk)
             if not msg.get("more_body", False):
@@ -72,12 +74,12 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-async def _send_413(send: Send, limit: int) -> None:
+async def _send_413(send: Send, limit: int, name: str = "max_body_bytes") -> None:
     import json
 
     body = json.dumps(envelope("payload_too_large",
-                               f"request body exceeds {limit} bytes (max_body_bytes)",
-                               {"limit": limit})).encode()
+                               f"request body exceeds {limit} bytes ({name})",
+                               {"limit": limit, "setting": name})).encode()
     await send({"type": "http.response.start", "status": 413,
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode())]})

@@ -16,8 +16,11 @@ from service.protocol import CatalogItem
 
 
 def _bad(source: str, line: int, reason: str) -> ValidationFailed:
+    # "field" as in every other 4xx envelope: items[i] for inline items, else the file's line.
+    field = f"items[{line - 1}]" if source == "items" else f"{source}:{line}"
     return ValidationFailed(f"{source}:{line}: {reason}",
-                            details={"source": source, "line": line, "reason": reason})
+                            details={"field": field, "source": source, "line": line,
+                                     "reason": reason})
 
 
 def _item(source: str, line: int, raw: object) -> Item:
