@@ -134,13 +134,17 @@ def _read_items(path: Path) -> list[FKItem]:
     items = [FKItem(int(r["item_id"]), r["domain"], r["title"]) for r in _rows(path)]
     for i, it in enumerate(items):
         if it.item_id != i:
-            raise FKLOOError(f"{path}: row {i} has item_id {it.item_id}; ids must be 0..n-1 in order")
+            raise FKLOOError(
+                f"{path}: row {i} has item_id {it.item_id}; ids must be 0..n-1 in order"
+            )
     return items
 
 
 def _read_cases(path: Path) -> list[Case]:
     return [
-        Case(r["user_id"], _ids(r["history_item_ids"]), int(r["target_item_id"]), r["target_domain"])
+        Case(
+            r["user_id"], _ids(r["history_item_ids"]), int(r["target_item_id"]), r["target_domain"]
+        )
         for r in _rows(path)
     ]
 
@@ -150,7 +154,9 @@ def _read_train(path: Path) -> list[TrainSeq]:
     for r in _rows(path):
         ids, doms = _ids(r["item_ids"]), r["domains"].split(",") if r["domains"] else []
         if len(ids) != len(doms):
-            raise FKLOOError(f"{path}: user {r['user_id']} has {len(ids)} ids but {len(doms)} domains")
+            raise FKLOOError(
+                f"{path}: user {r['user_id']} has {len(ids)} ids but {len(doms)} domains"
+            )
         out.append(TrainSeq(r["user_id"], ids, doms))
     return out
 
@@ -165,8 +171,9 @@ def subset_users(cases: list[Case], n: int, seed: int = 0) -> set[str]:
     return {users[i] for i in pick}
 
 
-def load_fkloo(root: Path | None = None, subset: int | None = None, seed: int = 0,
-               check_sha: bool = True) -> FKLOO:
+def load_fkloo(
+    root: Path | None = None, subset: int | None = None, seed: int = 0, check_sha: bool = True
+) -> FKLOO:
     """Load the split. ``subset`` keeps ``subset`` mixed users in valid and test (train unchanged,
     file order kept) for CPU budget runs; the sample depends only on ``seed``."""
     root = Path(root) if root is not None else fkloo_dir()

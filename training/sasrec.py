@@ -1,0 +1,264 @@
+"""SASRec, the ID-based sequential baseline of the quality table (the FK-LOO anchor's recipe).
+
+RecBole's SASRec defaults: 2 layers, hidden 64, 2 heads, FFN 256, GELU, post-LayerNorm, learned
+positions, max length 50, dropout 0.5 (hidden) / 0.5 (attention), N(0, 0.02) init. Trained with
+full-softmax cross-entropy over every item on each (prefix -> next item) pair of the training
+sequences (at most 50 history items: RecBole's augmentation), Adam 1e-3, 256 pairs a batch, early
+stopping on the protocol's valid NDCG@10 (micro) with the best epoch's weights kept.
+
+Unlike RecBole, a batch is trimmed to its longest prefix instead of padded to 50 positions
+(RecBole was 4-6x slower on 2 cores for the same pairs, model and loss; see the anchors' README).
+Sequences are left-aligned (position 0 = oldest item) and right-padded; with a causal mask a real
+position never attends to padding, so no key-padding mask is needed.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from training.evaluate import compute_metrics, ndcg_at_10_micro, rank_from_scores
+from training.fkloo import Case, FKItem
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SASRecConfig:
+    max_len: int = 50
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 2
+    ffn: int = 256
+    dropout: float = 0.5
+    attn_dropout: float = 0.5
+    lr: float = 1e-3
+    batch_size: int = 256
+    max_epochs: int = 30
+    patience: int = 3
+    seed: int = 2024
+    eval_batch: int = 512
+    progress: bool = True
+
+
+class _Block(nn.Module):
+    """Post-LN transformer block as in RecBole: x = LN(x + drop(attn(x))); x = LN(x + drop(ffn(x))).
+
+    Attention goes through ``scaled_dot_product_attention`` (causal, attention dropout inside):
+    the same maths as ``nn.MultiheadAttention`` with a fused kernel.
+    """
+
+    def __init__(self, cfg: SASRecConfig) -> None:
+        super().__init__()
+        self.heads = cfg.heads
+        self.attn_dropout = cfg.attn_dropout
+        self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden)
+        self.out = nn.Linear(cfg.hidden, cfg.hidden)
+        self.drop1 = nn.Dropout(cfg.dropout)
+        self.ln1 = nn.LayerNorm(cfg.hidden, eps=1e-12)
+        self.ff1 = nn.Linear(cfg.hidden, cfg.ffn)
+        self.ff2 = nn.Linear(cfg.ffn, cfg.hidden)
+        self.drop2 = nn.Dropout(cfg.dropout)
+        self.ln2 = nn.LayerNorm(cfg.hidden, eps=1e-12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(  # [B, heads, T, d/heads]
+            q, k, v, is_causal=True, dropout_p=self.attn_dropout if self.training else 0.0
+        )
+        a = self.out(a.transpose(1, 2).reshape(b, t, d))  # [B, T, H]
+        x = self.ln1(x + self.drop1(a))
+        return self.ln2(x + self.drop2(self.ff2(F.gelu(self.ff1(x)))))
+
+
+class SASRec(nn.Module):
+    """Item ids are shifted by one inside the model: 0 is padding."""
+
+    def __init__(self, n_items: int, cfg: SASRecConfig) -> None:
+        super().__init__()
+        self.n_items = n_items
+        self.cfg = cfg
+        self.item_emb = nn.Embedding(n_items + 1, cfg.hidden, padding_idx=0)
+        self.pos_emb = nn.Embedding(cfg.max_len, cfg.hidden)
+        self.ln = nn.LayerNorm(cfg.hidden, eps=1e-12)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.layers))
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear | nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+        if isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """``seq`` [B, T] shifted ids, left-aligned; ``lengths`` [B] -> user states [B, H]."""
+        b, t = seq.shape
+        pos = torch.arange(t, device=seq.device)
+        x = self.drop(self.ln(self.item_emb(seq) + self.pos_emb(pos)[None]))  # [B, T, H]
+        for blk in self.blocks:
+            x = blk(x)
+        return x[torch.arange(b, device=seq.device), lengths - 1]  # [B, H]
+
+    def logits(self, state: torch.Tensor) -> torch.Tensor:
+        """[B, H] -> [B, n_items] scores over real items (column = item id)."""
+        return state @ self.item_emb.weight[1:].T
+
+
+def build_pairs(
+    seqs: Sequence[Sequence[int]], max_len: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every (prefix -> next item) pair: ``hist`` [P, max_len] shifted ids (left-aligned, 0-padded),
+    ``lengths`` [P], ``targets`` [P] (unshifted item ids)."""
+    n = sum(max(len(s) - 1, 0) for s in seqs)
+    hist = np.zeros((n, max_len), dtype=np.int64)
+    lengths = np.zeros(n, dtype=np.int64)
+    targets = np.zeros(n, dtype=np.int64)
+    p = 0
+    for s in seqs:
+        arr = np.asarray(s, dtype=np.int64) + 1
+        for t in range(1, len(arr)):
+            h = arr[max(0, t - max_len) : t]
+            hist[p, : len(h)] = h
+            lengths[p] = len(h)
+            targets[p] = arr[t] - 1
+            p += 1
+    return hist, lengths, targets
+
+
+def encode_histories(
+    histories: Sequence[Sequence[int]], max_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Last ``max_len`` items of each history -> (seq [B, T] trimmed to the longest, lens [B])."""
+    lens = [min(len(h), max_len) for h in histories]
+    if min(lens, default=1) < 1:
+        raise ValueError("SASRec needs at least one history item per case")
+    seq = torch.zeros((len(histories), max(lens)), dtype=torch.long)
+    for i, h in enumerate(histories):
+        tail = list(h)[-max_len:]
+        seq[i, : len(tail)] = torch.tensor(tail, dtype=torch.long) + 1
+    return seq, torch.tensor(lens, dtype=torch.long)
+
+
+@torch.inference_mode()
+def score_cases(model: SASRec, cases: Sequence[Case]) -> torch.Tensor:
+    """[B, n_items] scores for a batch of cases (input = the last max_len history items)."""
+    model.eval()
+    seq, lens = encode_histories([c.history for c in cases], model.cfg.max_len)
+    return model.logits(model(seq, lens))
+
+
+def rank_sasrec(
+    model: SASRec, cases: Sequence[Case], items: Sequence[FKItem], k: int = 50, batch: int = 512
+) -> list[list[int]]:
+    return rank_from_scores(lambda b: score_cases(model, b), cases, items, k=k, batch=batch)
+
+
+@dataclass
+class FitResult:
+    model: SASRec
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int = -1
+    best_valid: float = float("-inf")
+    train_s: float = 0.0
+    pairs: int = 0
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def fit(
+    seqs: Sequence[Sequence[int]],
+    n_items: int,
+    cfg: SASRecConfig,
+    eval_fn: Callable[[SASRec], float] | None = None,
+) -> FitResult:
+    """Train on ``seqs`` (item-id lists); ``eval_fn(model) -> valid score`` (higher is better)
+    drives early stopping and best-weight selection; without it the last epoch is kept."""
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    hist, lengths, targets = build_pairs(seqs, cfg.max_len)
+    model = SASRec(n_items, cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    res = FitResult(model=model, pairs=len(targets), config=asdict(cfg))
+    best_state = None
+    bad = 0
+    t_all = time.perf_counter()
+    for epoch in range(cfg.max_epochs):
+        model.train()
+        t0 = time.perf_counter()
+        order = rng.permutation(len(targets))
+        total, nb = 0.0, 0
+        bar = tqdm(
+            range(0, len(order), cfg.batch_size),
+            desc=f"sasrec epoch {epoch}",
+            disable=not cfg.progress,
+            leave=False,
+            mininterval=2.0,
+        )
+        for s in bar:
+            idx = order[s : s + cfg.batch_size]
+            lens = torch.from_numpy(lengths[idx])
+            t_max = int(lens.max())
+            seq = torch.from_numpy(hist[idx, :t_max])  # [B, T], trimmed to the longest prefix
+            loss = F.cross_entropy(model.logits(model(seq, lens)), torch.from_numpy(targets[idx]))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+            nb += 1
+            if nb % 50 == 0:
+                bar.set_postfix(loss=f"{total / nb:.4f}")
+        train_s = time.perf_counter() - t0
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            "loss": total / max(nb, 1),
+            "train_s": round(train_s, 1),
+        }
+        if eval_fn is not None:
+            t1 = time.perf_counter()
+            score = eval_fn(model)
+            row.update(valid_ndcg10=score, eval_s=round(time.perf_counter() - t1, 1))
+            if score > res.best_valid:
+                res.best_valid, res.best_epoch, bad = score, epoch, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                bad += 1
+        else:
+            res.best_epoch = epoch
+        res.history.append(row)
+        log.info("sasrec %s", row)
+        if cfg.progress:
+            tqdm.write(f"sasrec {row}")
+        if eval_fn is not None and bad >= cfg.patience:
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    res.train_s = time.perf_counter() - t_all
+    return res
+
+
+def valid_ndcg_fn(
+    cases: Sequence[Case], items: Sequence[FKItem], batch: int = 512
+) -> Callable[[SASRec], float]:
+    """The protocol's valid NDCG@10 (micro, target domain only, history masked)."""
+
+    def run(model: SASRec) -> float:
+        ranked = rank_sasrec(model, cases, items, batch=batch)
+        return ndcg_at_10_micro(compute_metrics(ranked, cases, items))
+
+    return run
