@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.engine import Engine
 from service.errors import ServiceError, envelope
+from service.protocol import ERROR_RESPONSES
 from service.routes import router
 from service.settings import Settings
 
@@ -116,7 +117,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app = FastAPI(title="cprec", version="0.1.0", lifespan=lifespan,
                   description="Domain-agnostic LLM recommendations over a FAISS item index.")
     app.state.engine = eng
-    app.include_router(router)
+    app.include_router(router, responses=ERROR_RESPONSES)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["GET", "POST"], allow_headers=["*"])
@@ -145,11 +146,17 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
-            # FastAPI turns a body that is not UTF-8 into a bare 400; name the field and reason.
-            reason = f"body is not valid UTF-8 (byte {exc.__cause__.start})"
+        if exc.status_code == 400:
+            # FastAPI/Starlette turn a body they cannot parse (not UTF-8, broken multipart) into
+            # a bare 400; make it a 422 like every other bad body, naming field and reason.
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, UnicodeDecodeError):
+                reason, kind = f"body is not valid UTF-8 (byte {cause.start})", "utf8_invalid"
+            else:
+                why = str(cause or "")[:200] or str(exc.detail)
+                reason, kind = f"body cannot be parsed ({why})", "body_invalid"
             return _render("validation_error", 422, f"body: {reason}",
-                           [{"field": "body", "reason": reason, "type": "utf8_invalid"}])
+                           [{"field": "body", "reason": reason, "type": kind}])
         code = {404: "not_found", 405: "method_not_allowed",
                 413: "payload_too_large"}.get(exc.status_code, "http_error")
         return _render(code, exc.status_code, str(exc.detail), None,

@@ -106,13 +106,17 @@ def resolve_catalog_path(base: Path | None, rel: str, max_bytes: int) -> Path:
         raise bad("must be relative to CPREC_CATALOG_DIR, not absolute")
     if ".." in p.parts or ".." in rel.replace("\\", "/").split("/"):
         raise bad("must not contain '..'")
-    root = Path(base).resolve()
-    target = (root / p).resolve()
-    if not target.is_relative_to(root):
-        raise bad("resolves outside CPREC_CATALOG_DIR (symlink)")
-    if not target.is_file():
-        raise bad("no such catalogue file in CPREC_CATALOG_DIR")
-    if target.stat().st_size > max_bytes:
+    try:
+        root = Path(base).resolve()
+        target = (root / p).resolve()
+        if not target.is_relative_to(root):
+            raise bad("resolves outside CPREC_CATALOG_DIR (symlink)")
+        if not target.is_file():
+            raise bad("no such catalogue file in CPREC_CATALOG_DIR")
+        size = target.stat().st_size
+    except OSError as exc:  # e.g. a name too long, a symlink loop: the client's mistake
+        raise bad(f"cannot be opened ({exc.strerror or type(exc).__name__})") from None
+    if size > max_bytes:
         raise PayloadTooLarge(f"path: file exceeds {max_bytes} bytes (max_upload_bytes)",
                               details={"field": "path", "limit": max_bytes})
     return target

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -102,3 +102,31 @@ class JobStatus(BaseModel):
     error: str | None = None
     created_at: float
     finished_at: float | None = None
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="Stable machine-readable code, e.g. validation_error.")
+    message: str = Field(description="What went wrong and, where possible, how to fix it.")
+    details: Any = Field(default=None, description="The field(s) and reason(s), limits, ids.")
+
+
+class ErrorEnvelope(BaseModel):
+    """Every non-2xx response: ``{"error": {"code", "message", "details"}}``."""
+
+    error: ErrorBody
+
+
+# Declared on every route so the OpenAPI schema describes the responses clients really get (and
+# a schema fuzz can check them); replaces FastAPI's default 422 body, which this API never sends.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorEnvelope, "description": why} for status, why in (
+        (401, "Missing bearer token (admin routes)."),
+        (403, "Wrong token, or admin routes disabled (no CPREC_ADMIN_TOKEN)."),
+        (404, "Unknown job or route."),
+        (409, "Another reindex job is queued or running."),
+        (413, "A size limit was exceeded; the message names the setting."),
+        (422, "Invalid input; details name the field and the reason."),
+        (429, "The encoder queue is full; retry after Retry-After seconds."),
+        (503, "Loading or draining."),
+    )
+}
