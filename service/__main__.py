@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 
 import uvicorn
 
@@ -22,6 +23,11 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: object) -> None:  # type: ignore[override]
         self.engine.begin_drain()  # type: ignore[attr-defined]
         super().handle_exit(sig, frame)  # type: ignore[arg-type]
+        # uvicorn re-raises captured signals once it has shut down, which would end a cleanly
+        # drained SIGTERM with status -15; supervisors should see a clean exit (0).
+        captured = getattr(self, "_captured_signals", None)
+        if sig == signal.SIGTERM and captured is not None:
+            captured[:] = [s for s in captured if s != signal.SIGTERM]
 
 
 def main() -> None:

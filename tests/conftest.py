@@ -122,6 +122,12 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def minilm_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One store dir for the real-MiniLM tests: the demo index is built once, then reloaded."""
+    return tmp_path_factory.mktemp("minilm-store")
+
+
 # -- real Redis --------------------------------------------------------------------------------
 def _redis_binary() -> str | None:
     found = shutil.which("redis-server")

@@ -19,12 +19,6 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="session")
-def minilm_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One store dir for the MiniLM tests: the demo index is built once and then reloaded."""
-    return tmp_path_factory.mktemp("minilm-store")
-
-
-@pytest.fixture(scope="session")
 async def minilm_app(minilm_store: Path, redis_url: str, redis_prefix: str
                      ) -> AsyncIterator[tuple[httpx.AsyncClient, Engine]]:
     settings = Settings(store_dir=minilm_store, base_model="minilm-l6", model="production",
