@@ -30,6 +30,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 MANIFEST = "manifest.json"
+MANIFEST_SUM = "manifest.sha256"  # the manifest cannot list its own checksum, so it sits beside it
 CARD = "README.md"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _LIBS = ("torch", "transformers", "peft", "faiss-cpu", "numpy", "tokenizers", "safetensors")
@@ -196,7 +197,7 @@ class ModelStore:
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=self.versions_dir))
         try:
             for item in sorted(src.rglob("*")):
-                if item.is_file() and item.name not in (MANIFEST, CARD):
+                if item.is_file() and item.name not in (MANIFEST, MANIFEST_SUM, CARD):
                     dest = tmp / item.relative_to(src)
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(item, dest)
@@ -213,9 +214,10 @@ class ModelStore:
             m.files = {
                 p.relative_to(tmp).as_posix(): sha256_file(p)
                 for p in sorted(tmp.rglob("*"))
-                if p.is_file() and p.name != MANIFEST
+                if p.is_file() and p.name not in (MANIFEST, MANIFEST_SUM)
             }
             (tmp / MANIFEST).write_text(m.model_dump_json(indent=2), encoding="utf-8")
+            (tmp / MANIFEST_SUM).write_text(sha256_file(tmp / MANIFEST) + "\n", encoding="utf-8")
             for p in tmp.rglob("*"):
                 if p.is_file():
                     with open(p, "rb") as fh:
@@ -263,6 +265,8 @@ class ModelStore:
         if version is None:
             raise ArtifactError(f"no model version or alias {ref!r} in {self.root}")
         path = self.versions_dir / version
+        if verify:
+            verify_manifest(path)
         try:
             m = Manifest.model_validate_json((path / MANIFEST).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
@@ -277,6 +281,19 @@ class ModelStore:
             raise ArtifactError(
                 f"invalid name {name!r}: use letters, digits, '.', '_' or '-' (max 128)"
             )
+
+
+def verify_manifest(path: Path) -> None:
+    """The manifest's own checksum (``manifest.sha256``): a changed byte in it is refused too."""
+    sum_file = path / MANIFEST_SUM
+    if not sum_file.is_file():
+        raise ArtifactError(f"{sum_file}: missing; the version was not published by this store",
+                            MANIFEST_SUM)
+    expected = sum_file.read_text(encoding="utf-8").strip()
+    actual = sha256_file(path / MANIFEST) if (path / MANIFEST).is_file() else "missing"
+    if actual != expected:
+        raise ArtifactError(f"{path / MANIFEST}: checksum mismatch with {MANIFEST_SUM}; the "
+                            "manifest is corrupt or was modified after publish", MANIFEST)
 
 
 def verify_files(path: Path, files: Mapping[str, str]) -> None:

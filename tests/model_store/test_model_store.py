@@ -181,3 +181,21 @@ def test_source_manifest_and_card_are_regenerated(store: ModelStore, tmp_path: P
     art = store.publish(src, _manifest(version="v1"))
     assert "stale" not in (art.path / "README.md").read_text()
     assert store.load("v1").manifest.dim == 8
+
+
+def test_changed_byte_in_manifest_is_refused(tmp_path):
+    """The manifest cannot list its own checksum; manifest.sha256 beside it catches edits."""
+    from model_store import ArtifactError, ModelStore
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    store = ModelStore(tmp_path / "store")
+    art = store.publish(src, {"version": "v1", "base_model": "b", "pooling": "mean", "dim": 4})
+    store.load("v1")
+    mpath = art.path / "manifest.json"
+    text = mpath.read_text()
+    mpath.write_text(text.replace('"pooling": "mean"', '"pooling": "last"'))
+    with pytest.raises(ArtifactError) as err:
+        store.load("latest")
+    assert err.value.file == "manifest.json"
