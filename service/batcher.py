@@ -36,6 +36,7 @@ class Batcher:
         token_budget: int = 16384,
         queue_size: int = 256,
         enabled: bool = True,
+        max_padding: float | None = None,
     ) -> None:
         self.encoder = encoder
         self.metrics = metrics
@@ -44,6 +45,7 @@ class Batcher:
         self.token_budget = token_budget
         self.queue_size = queue_size
         self.enabled = enabled
+        self.max_padding = max_padding  # None = one forward per coalesced batch
         # One device thread: forward passes (requests and reindex batches) never overlap, which
         # is what a single GPU or a CPU already saturated by intra-op threads wants.
         self.device_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cprec-device")
@@ -111,12 +113,40 @@ class Batcher:
             self.metrics.queue_depth.set(self.depth)
 
     def _forward(self, batch: list[list[int]]) -> np.ndarray:
-        t0 = time.perf_counter()
-        out = self.encoder.core(batch)
-        if self.metrics is not None:
-            self.metrics.encode_seconds.observe(time.perf_counter() - t0)
-            self.metrics.batch_size.observe(len(batch))
+        out: np.ndarray | None = None
+        for rows in self._split(batch):
+            t0 = time.perf_counter()
+            vecs = self.encoder.core([batch[i] for i in rows])  # [len(rows), D]
+            if out is None:
+                out = np.empty((len(batch), vecs.shape[1]), dtype=np.float32)
+            out[rows] = vecs
+            if self.metrics is not None:
+                self.metrics.encode_seconds.observe(time.perf_counter() - t0)
+                self.metrics.batch_size.observe(len(rows))
+        assert out is not None
         return out
+
+    def _split(self, batch: list[list[int]]) -> list[list[int]]:
+        """Row groups for the forwards of one batch, in input order when not split.
+
+        With ``max_padding`` set, rows are length-sorted and cut wherever the next (longer) row
+        would push padded tokens past ``max_padding`` x real tokens (perf, issue 5: on CPU a
+        mixed-length batch of histories padded to the longest lost ~10-30% vs batch 1).
+        """
+        if self.max_padding is None or len(batch) < 2:
+            return [list(range(len(batch)))]
+        order = sorted(range(len(batch)), key=lambda i: len(batch[i]))
+        groups: list[list[int]] = [[]]
+        real = 0
+        for i in order:
+            n = len(batch[i])  # the longest so far: the group's width if i joins it
+            cur = groups[-1]
+            if cur and n * (len(cur) + 1) > (1 + self.max_padding) * (real + n):
+                groups.append([])
+                cur, real = groups[-1], 0
+            cur.append(i)
+            real += n
+        return groups
 
     async def _collect(self) -> list[_Pending]:
         assert self._queue is not None

@@ -74,20 +74,37 @@ class HFEncoder(Encoder):
         device: str = "auto",
         dtype: str = "auto",
         name: str | None = None,
+        quantize: str = "none",
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        if quantize not in ("none", "int8"):
+            raise ValueError(f"unknown quantize {quantize!r}; use none or int8")
+        if quantize == "int8":
+            if self.device.type != "cpu":
+                raise ValueError("quantize=int8 is a CPU option; use dtype=bfloat16 on CUDA")
+            self.dtype = torch.float32  # dynamic int8 quantises fp32 Linear layers
+        self.quantize = quantize
         self.pooling: Pooling = pooling
         self.is_decoder = is_decoder
         self.name = name or str(model_dir)
         tok = load_tokenizer(model_dir)
         self.tokenizer = TextTokenizer(tok, max_length=max_length, is_decoder=is_decoder)
         self.model = load_backbone(model_dir, dtype=self.dtype).to(self.device)
+        if quantize == "int8":
+            # Dynamic int8 with per-channel weight scales on every Linear (activations are
+            # quantised per batch at run time); off by default: bench/encoder.py measures its
+            # FK-LOO NDCG@10 loss and speedup against fp32 and bf16 (docs/benchmarks.md).
+            from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+            self.model = quantize_dynamic(
+                self.model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
         self.dim = int(self.model.config.hidden_size)
         # HF fast tokenizers are not safe to call from several threads at once.
         self._tok_lock = threading.Lock()
-        log.info("encoder %s on %s (%s), pooling=%s, dim=%d", self.name, self.device,
-                 str(self.dtype).removeprefix("torch."), pooling, self.dim)
+        log.info("encoder %s on %s (%s%s), pooling=%s, dim=%d", self.name, self.device,
+                 str(self.dtype).removeprefix("torch."),
+                 ", int8 dynamic" if quantize == "int8" else "", pooling, self.dim)
 
     def pre(self, texts: Sequence[str], kind: TextKind) -> list[list[int]]:
         with self._tok_lock:

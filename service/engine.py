@@ -59,7 +59,7 @@ def load_model(settings: Settings) -> LoadedModel:
         template = Template.model_validate(m.template) if m.template else Template()
         enc = HFEncoder(art.path, pooling=m.pooling, is_decoder=m.is_decoder,  # type: ignore[arg-type]
                         max_length=m.max_length, device=settings.device, dtype=settings.dtype,
-                        name=f"store:{m.version}")
+                        name=f"store:{m.version}", quantize=settings.quantize)
         return LoadedModel(enc, m.version, template)
     base = settings.base_model
     if base in BUNDLED:
@@ -77,7 +77,8 @@ def load_model(settings: Settings) -> LoadedModel:
         pooling = detect_pooling(path)
         version = f"local-{path.name}"
     enc = HFEncoder(path, pooling=pooling, is_decoder=is_dec, max_length=settings.max_length,
-                    device=settings.device, dtype=settings.dtype, name=version)
+                    device=settings.device, dtype=settings.dtype, name=version,
+                    quantize=settings.quantize)
     return LoadedModel(enc, version, Template(max_items=settings.history_max_items))
 
 
@@ -124,7 +125,7 @@ class Engine:
     async def start(self) -> None:
         """Load model and index (or build the index from the catalogue), warm up, turn ready."""
         s = self.settings
-        configure_faiss(blas_threshold=4)
+        configure_faiss(blas_threshold=4, search_threads=s.faiss_search_threads)
         if self._encoder is None:
             loaded = await asyncio.to_thread(load_model, s)
             self._encoder, self.model_version, self.template = (
@@ -144,7 +145,8 @@ class Engine:
                 self._cache = LRUCache(s.lru_size, s.cache_ttl_s)
         self.batcher = Batcher(self.encoder, self.metrics, max_batch_size=s.max_batch_size,
                                max_wait_ms=s.max_wait_ms, token_budget=s.batch_token_budget,
-                               queue_size=s.queue_size, enabled=s.batching)
+                               queue_size=s.queue_size, enabled=s.batching,
+                               max_padding=self._batch_max_padding())
         await self.batcher.start()
         await self.batcher.run_on_device(self.encoder.warmup)
         index = await asyncio.to_thread(
@@ -159,6 +161,14 @@ class Engine:
         self.metrics.ready.set(1)
         log.info("ready: model %s, index %s (%d items in %s)", self.model_version, index.version,
                  len(index.items), ", ".join(index.domains))
+
+    def _batch_max_padding(self) -> float | None:
+        """``batch_max_padding`` or its device default (perf, issue 5): on CPU throughput is flat
+        in batch size, so a padded forward only wastes work; on CUDA padding buys parallelism."""
+        if self.settings.batch_max_padding is not None:
+            return self.settings.batch_max_padding
+        device = getattr(self.encoder, "device", None)
+        return None if getattr(device, "type", "cpu") == "cuda" else 0.25
 
     async def stop(self) -> None:
         self.ready = False

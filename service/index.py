@@ -51,9 +51,16 @@ class Item:
         return d
 
 
-def configure_faiss(blas_threshold: int | None = None, database_bs: int | None = None) -> None:
+_SEARCH_THREADS = 0  # OpenMP threads per search call; 0 = faiss' default (all cores)
+
+
+def configure_faiss(blas_threshold: int | None = None, database_bs: int | None = None,
+                    search_threads: int | None = None) -> None:
     """Route batched searches through BLAS (faiss' default threshold of 20 queries keeps batches
-    of 16 on the slow path)."""
+    of 16 on the slow path), and cap the OpenMP threads of each search (see ``search``)."""
+    global _SEARCH_THREADS
+    if search_threads is not None:
+        _SEARCH_THREADS = search_threads
     if blas_threshold is not None:
         faiss.cvar.distance_compute_blas_threshold = blas_threshold
     if database_bs is not None:
@@ -172,6 +179,11 @@ class ItemIndex:
         if fetch == 0:
             return [[] for _ in range(queries.shape[0])]
         q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        if _SEARCH_THREADS and not self.on_gpu:
+            # Per calling thread (an OpenMP ICV), so the encoder's threads are untouched. Beside
+            # a forward pass that already uses every core, faiss' spinning OpenMP team stalls
+            # (bench/search.py: batch 16 over 27k items 1.8 s with 2 threads, 0.08 s with 1).
+            faiss.omp_set_num_threads(_SEARCH_THREADS)
         scores, ids = self.indexes[domain].search(q, fetch)  # [Q, fetch] each
         out: list[list[tuple[int, float]]] = []
         for srow, irow in zip(scores, ids, strict=True):

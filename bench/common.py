@@ -1,0 +1,469 @@
+"""Shared helpers of the performance benchmarks: FK-LOO texts, a real service process, a bounded
+async load generator, percentiles, and JSON results.
+
+Every benchmark measures its baseline in the same run as the thing it is compared against: this
+machine is shared (other people's tests and training use the same cores), so only side-by-side
+ratios mean anything here; absolute numbers count only on a dedicated GPU machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+PY = sys.executable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+# -- data ------------------------------------------------------------------------------------
+def shared_dir() -> Path:
+    """``$CPREC_SHARED_DIR``, else ``<repo>/../shared``; the data is read in place, never copied."""
+    env = os.environ.get("CPREC_SHARED_DIR")
+    return Path(env).expanduser().resolve() if env else (REPO.parent / "shared").resolve()
+
+
+@dataclass
+class FKData:
+    """FK-LOO items and test cases, with the texts the service would encode for them."""
+
+    items: list[dict[str, Any]]  # index == item_id; item_id is a str as the service sees it
+    cases: list[dict[str, Any]]  # user_id, history (list[int]), target (int), domain
+
+    def history_entries(self, case: dict[str, Any]) -> list[dict[str, str]]:
+        """A history as ``/recommend`` title entries (they resolve against any catalogue)."""
+        return [
+            {"domain": self.items[i]["domain"], "title": self.items[i]["title"]}
+            for i in case["history"]
+        ]
+
+
+def load_fk(seed: int = 0) -> FKData:
+    """FK-LOO items and test cases from the shared folder, via the training reader (sha-checked)."""
+    from training.fkloo import fkloo_dir, load_fkloo
+
+    os.environ.setdefault("CPREC_SHARED_DIR", str(shared_dir()))
+    fk = load_fkloo(fkloo_dir())
+    items = [
+        {"item_id": str(it.item_id), "domain": it.domain, "title": it.title} for it in fk.items
+    ]
+    cases = [
+        {"user_id": c.user_id, "history": c.history, "target": c.target, "domain": c.domain}
+        for c in fk.test
+    ]
+    return FKData(items=items, cases=cases)
+
+
+def subset(seq: Sequence[Any], n: int, seed: int = 0) -> list[Any]:
+    """A deterministic sample of ``n`` elements, in their original order."""
+    if n >= len(seq):
+        return list(seq)
+    pick = np.sort(np.random.default_rng(seed).choice(len(seq), size=n, replace=False))
+    return [seq[i] for i in pick]
+
+
+def history_texts(fk: FKData, cases: Sequence[dict[str, Any]]) -> list[str]:
+    """The exact user texts the service encodes for these cases (default template)."""
+    from cprec.text import Behaviour, Template
+
+    tpl = Template()
+    return [
+        tpl.render_history(
+            [Behaviour(fk.items[i]["domain"], fk.items[i]["title"]) for i in c["history"]]
+        )
+        for c in cases
+    ]
+
+
+def item_texts(items: Sequence[dict[str, Any]]) -> list[str]:
+    from cprec.text import Template
+
+    tpl = Template()
+    return [tpl.render_item(it["domain"], it["title"]) for it in items]
+
+
+def write_catalog(items: Sequence[dict[str, Any]], path: Path) -> Path:
+    with open(path, "w", encoding="utf-8") as fh:
+        for it in items:
+            fh.write(
+                json.dumps(
+                    {"item_id": it["item_id"], "domain": it["domain"], "title": it["title"]},
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
+    return path
+
+
+# -- stats -----------------------------------------------------------------------------------
+def pct(values: Sequence[float], q: float) -> float:
+    return (
+        float(np.percentile(np.asarray(values, dtype=np.float64), q))
+        if len(values)
+        else float("nan")
+    )
+
+
+def lat_summary(lat_s: Sequence[float]) -> dict[str, float]:
+    """p50/p95/p99 in ms and the p99 spread (p99 / p50)."""
+    p50, p95, p99 = (pct(lat_s, q) * 1000 for q in (50, 95, 99))
+    return {
+        "p50_ms": round(p50, 2),
+        "p95_ms": round(p95, 2),
+        "p99_ms": round(p99, 2),
+        "p99_spread": round(p99 / p50, 3) if p50 > 0 else float("nan"),
+    }
+
+
+def device_info() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "shared_machine": True,
+    }
+    with contextlib.suppress(OSError):
+        flags = Path("/proc/cpuinfo").read_text()
+        info["avx512_bf16"] = "avx512_bf16" in flags
+        for line in flags.splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    with contextlib.suppress(OSError):
+        info["loadavg_at_start"] = os.getloadavg()[0]
+    return info
+
+
+def save_result(name: str, data: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    data = {
+        "benchmark": name,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "device": device_info(),
+        **data,
+    }
+    path.write_text(json.dumps(data, indent=2, default=float) + "\n", encoding="utf-8")
+    return path
+
+
+def print_table(
+    title: str, rows: Sequence[dict[str, Any]], cols: Sequence[str] | None = None
+) -> None:
+    if not rows:
+        return
+    cols = list(cols or rows[0].keys())
+    cells = [[_fmt(r.get(c, "")) for c in cols] for r in rows]
+    width = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    print(f"\n## {title}")
+    print("  ".join(c.ljust(w) for c, w in zip(cols, width, strict=True)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, width, strict=True)))
+    sys.stdout.flush()
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+    return str(v)
+
+
+def target(measured: float, goal: float, met: bool, command: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "measured": round(float(measured), 4),
+        "target": goal,
+        "met": bool(met),
+        "command": command,
+        **extra,
+    }
+
+
+# -- encoders ---------------------------------------------------------------------------------
+def make_encoder(
+    base: str = "minilm-l6", dtype: str = "auto", quantize: str = "none", max_length: int = 256
+):  # type: ignore[no-untyped-def]
+    """An HFEncoder exactly as the service builds it for a bundled base."""
+    from cprec.lm import BUNDLED, bundled_dir
+    from service.encoder import HFEncoder
+
+    spec = BUNDLED[base]
+    store = Path(os.environ.get("CPREC_STORE_DIR", REPO / "var" / "store"))
+    kwargs: dict[str, Any] = {}
+    if quantize != "none":
+        kwargs["quantize"] = quantize
+    enc = HFEncoder(
+        bundled_dir(base, store),
+        pooling=spec.pooling,
+        is_decoder=spec.is_decoder,
+        max_length=max_length,
+        device="cpu" if dtype != "auto" else "auto",
+        dtype=dtype,
+        name=base,
+        **kwargs,
+    )
+    enc.warmup()
+    return enc
+
+
+def timed_core(
+    enc: Any, batches: Sequence[Sequence[Sequence[int]]], min_s: float
+) -> tuple[float, int, int]:
+    """Run ``core`` over ``batches`` (cycling) for at least ``min_s``: (seconds, seqs, tokens)."""
+    n = tok = 0
+    t0 = time.perf_counter()
+    i = 0
+    while True:
+        b = batches[i % len(batches)]
+        enc.core(b)
+        n += len(b)
+        tok += sum(len(x) for x in b)
+        i += 1
+        el = time.perf_counter() - t0
+        if el >= min_s and i >= len(batches) or el >= 4 * min_s:
+            return el, n, tok
+
+
+# -- the real service --------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[str]:
+    """A private redis-server on a free loopback port (no persistence), stopped at exit.
+
+    A private server means the benchmark never touches anybody else's keys; ``REDIS_URL`` from
+    the environment is used instead when ``CPREC_BENCH_REDIS_URL`` is set.
+    """
+    url = os.environ.get("CPREC_BENCH_REDIS_URL")
+    if url:
+        yield url
+        return
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "yes",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                break
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+
+
+ADMIN_TOKEN = "bench-admin-token-" + os.urandom(4).hex()
+
+
+@dataclass
+class Service:
+    url: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def run_service(
+    catalog: Path,
+    redis_url: str | None,
+    settings: dict[str, str] | None = None,
+    startup_timeout_s: float = 600,
+    store_dir: Path | None = None,
+) -> Iterator[Service]:
+    """``python -m service`` as a uvicorn subprocess on a free loopback port; stopped at exit.
+
+    ``store_dir`` may be shared by several services (the first saves the index, the next load
+    it); by default each gets a temporary one.
+    """
+    port = free_port()
+    tmp = Path(tempfile.mkdtemp(prefix="cprec-bench-"))
+    store = store_dir or tmp / "store"
+    env = {
+        **os.environ,
+        "CPREC_STORE_DIR": str(store),
+        "CPREC_CATALOG_PATH": str(catalog),
+        "CPREC_ADMIN_TOKEN": ADMIN_TOKEN,
+        "CPREC_LOG_LEVEL": "WARNING",
+        "CPREC_REDIS_PREFIX": f"cprec-bench-{os.getpid()}-{port}",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+    # The bundled SmolLM2 conversion is cached under the store; reuse the repo's to skip it.
+    bases = REPO / "var" / "store" / "bases"
+    store.mkdir(parents=True, exist_ok=True)
+    if bases.is_dir() and not (store / "bases").exists():
+        (store / "bases").symlink_to(bases)
+    env.pop("REDIS_URL", None)
+    if redis_url:
+        env["REDIS_URL"] = redis_url
+    env.update(settings or {})
+    log_path = tmp / "service.log"
+    with open(log_path, "wb") as logf:
+        proc = subprocess.Popen(
+            [PY, "-m", "service", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=REPO,
+            env=env,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+        )
+    svc = Service(f"http://127.0.0.1:{port}", proc, log_path, env)
+    try:
+        _wait_ready(svc, startup_timeout_s)
+        yield svc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _wait_ready(svc: Service, timeout_s: float) -> None:
+    import httpx
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if svc.proc.poll() is not None:
+            raise RuntimeError(
+                f"service exited with {svc.proc.returncode}:\n"
+                + svc.log_path.read_text(errors="replace")[-3000:]
+            )
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(svc.url + "/ready", timeout=2).status_code == 200:
+                return
+        time.sleep(0.25)
+    raise TimeoutError(
+        f"service not ready after {timeout_s}s:\n"
+        + svc.log_path.read_text(errors="replace")[-3000:]
+    )
+
+
+# -- load generator ---------------------------------------------------------------------------
+@dataclass
+class LoadResult:
+    latencies: list[float]
+    ok: int
+    failed: int
+    status: dict[str, int]
+    elapsed_s: float
+    cached: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "requests": self.ok + self.failed,
+            "ok": self.ok,
+            "failed": self.failed,
+            "rps": round(self.ok / self.elapsed_s, 2) if self.elapsed_s else 0.0,
+            "cached_share": round(self.cached / max(self.ok, 1), 3),
+            **lat_summary(self.latencies),
+            "status": self.status,
+        }
+
+
+async def drive(
+    url: str,
+    bodies: Sequence[dict[str, Any]],
+    concurrency: int,
+    max_requests: int,
+    max_s: float,
+    path: str = "/recommend",
+) -> LoadResult:
+    """Closed-loop load: ``concurrency`` workers send ``bodies`` in order (cycling when there are
+    fewer bodies than requests), bounded by ``max_requests`` and ``max_s``; loopback only."""
+    import httpx
+
+    if not url.startswith("http://127.0.0.1:"):
+        raise ValueError("the load generator only targets 127.0.0.1")
+    lat: list[float] = []
+    status: dict[str, int] = {}
+    counters = {"next": 0, "ok": 0, "failed": 0, "cached": 0}
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    deadline = time.perf_counter() + max_s
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
+
+        async def worker() -> None:
+            while time.perf_counter() < deadline and counters["next"] < max_requests:
+                body = bodies[counters["next"] % len(bodies)]
+                counters["next"] += 1
+                t0 = time.perf_counter()
+                try:
+                    r = await client.post(path, json=body)
+                    code, good = str(r.status_code), r.status_code == 200
+                    cached = good and bool(r.json().get("cached"))
+                except httpx.HTTPError as exc:
+                    code, good, cached = type(exc).__name__, False, False
+                status[code] = status.get(code, 0) + 1
+                if good:
+                    counters["ok"] += 1
+                    counters["cached"] += cached
+                    lat.append(time.perf_counter() - t0)
+                else:
+                    counters["failed"] += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - t0
+    return LoadResult(lat, counters["ok"], counters["failed"], status, elapsed, counters["cached"])
+
+
+async def probe(url: str, path: str, stop: asyncio.Event, interval_s: float = 0.02) -> list[float]:
+    """GET ``path`` every ``interval_s`` until ``stop``: how responsive the event loop stays."""
+    import httpx
+
+    lat: list[float] = []
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            with contextlib.suppress(httpx.HTTPError):
+                r = await client.get(path)
+                if r.status_code == 200:
+                    lat.append(time.perf_counter() - t0)
+            await asyncio.sleep(interval_s)
+    return lat

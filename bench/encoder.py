@@ -1,0 +1,236 @@
+"""Raw encoder throughput (the limit the service is measured against) and the int8 option.
+
+For each encoder variant (the service default dtype, fp32, and dynamic int8 per-channel) and each
+text kind (FK-LOO user histories, item titles) it times ``HFEncoder.core`` at several batch sizes:
+sequences/s and real tokens/s. Variants are measured in interleaved rounds (A B C A B C ...) and
+each cell reports the median over rounds, because other jobs share these cores.
+
+The int8 option's quality: FK-LOO NDCG@10 (test split, zero-shot, full ranking over every item of
+the target domain, history items masked) on a fixed subset of test users, for each variant.
+
+    python -m bench.encoder --quick     # MiniLM; Food-target users only (8,661 candidates)
+    python -m bench.encoder --full      # + smollm2-135m speed; both domains, more users
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+
+from bench.common import (
+    FKData,
+    history_texts,
+    item_texts,
+    load_fk,
+    make_encoder,
+    print_table,
+    save_result,
+    subset,
+    target,
+    timed_core,
+)
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+VARIANTS = {  # name -> make_encoder kwargs
+    "default": {"dtype": "auto"},  # what the service runs: bf16 on CPUs with native bf16
+    "fp32": {"dtype": "float32"},
+    "int8": {"dtype": "float32", "quantize": "int8"},
+}
+
+
+def speed(
+    model: str, fk: FKData, batch_sizes: list[int], rounds: int, min_s: float, variants: list[str]
+) -> list[dict[str, Any]]:
+    """Median seq/s and tok/s per (variant, kind, batch size) over interleaved rounds."""
+    encs = {v: make_encoder(model, **VARIANTS[v]) for v in variants}
+    any_enc = next(iter(encs.values()))
+    texts = {
+        "history": history_texts(fk, subset(fk.cases, 64, seed=1)),
+        "title": item_texts(subset(fk.items, 512, seed=1)),
+    }
+    ids = {k: any_enc.pre(t, "query" if k == "history" else "item") for k, t in texts.items()}
+    samples: dict[tuple[str, str, int], list[tuple[float, float]]] = {}
+    for _ in range(rounds):
+        for v, enc in encs.items():
+            for kind, seqs in ids.items():
+                for bs in batch_sizes:
+                    n_batches = max(1, min(len(seqs) // bs, 8))
+                    batches = [seqs[i * bs : (i + 1) * bs] for i in range(n_batches)]
+                    el, n, tok = timed_core(enc, batches, min_s)
+                    samples.setdefault((v, kind, bs), []).append((n / el, tok / el))
+    rows = []
+    for (v, kind, bs), vals in samples.items():
+        enc = encs[v]
+        rows.append(
+            {
+                "model": model,
+                "variant": v,
+                "dtype": str(enc.dtype).removeprefix("torch.")
+                + ("+int8" if getattr(enc, "quantize", "none") == "int8" else ""),
+                "kind": kind,
+                "batch": bs,
+                "mean_tokens": round(float(np.mean([len(x) for x in ids[kind]])), 1),
+                "seq_s": round(statistics.median(s for s, _ in vals), 2),
+                "tok_s": round(statistics.median(t for _, t in vals), 1),
+                "rounds": len(vals),
+            }
+        )
+    del encs
+    gc.collect()
+    return rows
+
+
+def ndcg_at_10(
+    enc: Any, fk: FKData, cases: list[dict[str, Any]], domains: list[str], item_batch: int = 64
+) -> dict[str, Any]:
+    """Zero-shot FK-LOO NDCG@10 / Recall@10: full ranking over the target domain, history masked."""
+    t0 = time.perf_counter()
+    cand = {d: np.array([i for i, it in enumerate(fk.items) if it["domain"] == d]) for d in domains}
+    ivec = {
+        d: enc.encode(item_texts([fk.items[i] for i in rows]), "item", item_batch)
+        for d, rows in cand.items()
+    }  # [N_d, D] each
+    uvec = enc.encode(history_texts(fk, cases), "query", 16)  # [U, D]
+    ndcg, hit = [], []
+    for c, u in zip(cases, uvec, strict=True):
+        rows = cand[c["domain"]]
+        scores = ivec[c["domain"]] @ u  # [N_d]
+        pos = {int(r): j for j, r in enumerate(rows)}
+        for h in c["history"]:
+            if h in pos:
+                scores[pos[h]] = -np.inf
+        t = scores[pos[c["target"]]]
+        rank = int((scores > t).sum()) + 1
+        ndcg.append(1 / np.log2(rank + 1) if rank <= 10 else 0.0)
+        hit.append(float(rank <= 10))
+    return {
+        "ndcg10": float(np.mean(ndcg)),
+        "recall10": float(np.mean(hit)),
+        "users": len(cases),
+        "candidates": int(sum(len(r) for r in cand.values())),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def quality(
+    fk: FKData, n_users: int, domains: list[str], variants: list[str]
+) -> list[dict[str, Any]]:
+    pool = [c for c in fk.cases if c["domain"] in domains]
+    cases = subset(pool, n_users, seed=0)
+    rows = []
+    for v in variants:
+        enc = make_encoder("minilm-l6", **VARIANTS[v])
+        r = ndcg_at_10(enc, fk, cases, domains)
+        rows.append(
+            {
+                "variant": v,
+                "dtype": str(enc.dtype).removeprefix("torch.")
+                + ("+int8" if enc.quantize == "int8" else ""),
+                **r,
+            }
+        )
+        del enc
+        gc.collect()
+    ref = next(r for r in rows if r["variant"] == "fp32")["ndcg10"]
+    for r in rows:
+        r["rel_loss_vs_fp32"] = round((ref - r["ndcg10"]) / ref, 4) if ref > 0 else 0.0
+        r["ndcg10"] = round(r["ndcg10"], 4)
+        r["recall10"] = round(r["recall10"], 4)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--full", action="store_true")
+    args = ap.parse_args(argv)
+    full = args.full and not args.quick
+    cmd = "python -m bench.encoder " + ("--full" if full else "--quick")
+    fk = load_fk()
+    variants = list(VARIANTS)
+    rows = speed(
+        "minilm-l6",
+        fk,
+        [1, 2, 4, 8, 16, 32, 64] if full else [1, 8, 32],
+        rounds=3 if full else 2,
+        min_s=1.5 if full else 0.8,
+        variants=variants,
+    )
+    if full:
+        rows += speed(
+            "smollm2-135m", fk, [1, 8, 32], rounds=2, min_s=1.5, variants=["default", "fp32"]
+        )
+    print_table(
+        "raw encoder throughput (median over interleaved rounds)",
+        rows,
+        ["model", "variant", "dtype", "kind", "batch", "mean_tokens", "seq_s", "tok_s"],
+    )
+    # Quick: 150 Food-target users (Food has 8,661 candidates); full: 1,000 users, both domains.
+    q_domains = ["Food", "Kitchen"] if full else ["Food"]
+    q_rows = quality(fk, 1000 if full else 150, q_domains, variants)
+    print_table(
+        "FK-LOO test NDCG@10, zero-shot minilm-l6 (subset, full ranking, history masked)", q_rows
+    )
+
+    def cell(v: str, kind: str, bs: int) -> float:
+        return next(
+            r["seq_s"]
+            for r in rows
+            if r["model"] == "minilm-l6"
+            and r["variant"] == v
+            and r["kind"] == kind
+            and r["batch"] == bs
+        )
+
+    int8 = next(r for r in q_rows if r["variant"] == "int8")
+    sp_fp32 = cell("int8", "history", 1) / cell("fp32", "history", 1)
+    sp_default = cell("int8", "history", 1) / cell("default", "history", 1)
+    loss = int8["rel_loss_vs_fp32"]
+    # On only when the loss is under 2% relative AND it beats what the service already runs.
+    enable = loss < 0.02 and sp_default > 1.0
+    quant = {
+        "quality_loss_rel": loss,
+        "speedup_vs_fp32_history_b1": round(sp_fp32, 3),
+        "speedup_vs_default_history_b1": round(sp_default, 3),
+        "speedup_vs_fp32_title_b32": round(
+            cell("int8", "title", 32) / cell("fp32", "title", 32), 3
+        ),
+        "recommend_enable": enable,
+        "quality_subset": f"{int8['users']} FK-LOO test users (seed 0) with "
+        f"{'/'.join(q_domains)} targets, {int8['candidates']} candidates",
+    }
+    print_table("int8 dynamic quantisation", [quant])
+    targets = {
+        "quantization_int8_quality_loss": target(
+            loss, 0.02, loss < 0.02, cmd, direction="<", note="relative NDCG@10 loss vs fp32"
+        ),
+        "quantization_int8_speedup_vs_default": target(
+            sp_default,
+            1.0,
+            sp_default > 1.0,
+            cmd,
+            direction=">",
+            note="history seq/s at batch 1, int8 / service default dtype",
+        ),
+    }
+    out = {
+        "mode": "full" if full else "quick",
+        "command": cmd,
+        "rows": rows,
+        "quality": q_rows,
+        "quantization": quant,
+        "targets": targets,
+    }
+    save_result("encoder", out)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,309 @@
+"""The real service under load: ``POST /recommend`` latency and throughput, batching on vs off,
+cache-miss vs cache-hit, ``/live`` under load, and the raw encoder's limit, all in one run.
+
+Two uvicorn processes (``python -m service``; batching on and off, same model, same saved index,
+a private redis-server) serve FK-LOO test histories (sent as title entries) over an FK catalogue.
+A bounded closed-loop generator on 127.0.0.1 drives them in interleaved rounds (on, off, raw
+encoder, on, off, raw, ...), so the ratios compare conditions measured side by side: the machine
+is shared with other jobs and absolute numbers drift. Cache-miss traffic sends each history once
+per service; cache-hit traffic re-sends histories that service has already answered.
+
+    python -m bench.serve --quick   # MiniLM, 4,000-item catalogue subset
+    python -m bench.serve --full    # + smollm2-135m, the full 36,298-item catalogue, more rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import (
+    FKData,
+    LoadResult,
+    drive,
+    history_texts,
+    lat_summary,
+    load_fk,
+    make_encoder,
+    print_table,
+    probe,
+    redis_server,
+    run_service,
+    save_result,
+    subset,
+    target,
+    timed_core,
+    write_catalog,
+)
+
+
+def catalog_for(fk: FKData, cases: list[dict[str, Any]], n_items: int | None) -> list[dict]:
+    """Every item the chosen histories mention plus a seeded sample up to ``n_items``."""
+    if n_items is None:
+        return fk.items
+    keep = {i for c in cases for i in c["history"]} | {c["target"] for c in cases}
+    rest = [i for i in range(len(fk.items)) if i not in keep]
+    fill = subset(rest, max(0, n_items - len(keep)), seed=3)
+    return [fk.items[i] for i in sorted(keep | set(fill))]
+
+
+def body(fk: FKData, case: dict[str, Any]) -> dict[str, Any]:
+    return {"user_id": case["user_id"], "history": fk.history_entries(case), "k": 10}
+
+
+def merge(results: list[LoadResult]) -> dict[str, Any]:
+    lat = [x for r in results for x in r.latencies]
+    ok, failed = sum(r.ok for r in results), sum(r.failed for r in results)
+    el = sum(r.elapsed_s for r in results)
+    cached = sum(r.cached for r in results)
+    status: dict[str, int] = {}
+    for r in results:
+        for k, v in r.status.items():
+            status[k] = status.get(k, 0) + v
+    return {
+        "requests": ok + failed,
+        "failed": failed,
+        "rps": round(ok / el, 2) if el else 0.0,
+        "cached_share": round(cached / max(ok, 1), 3),
+        **lat_summary(lat),
+        "status": status,
+    }
+
+
+def raw_limit(
+    enc: Any, ids: list[list[int]], batch_sizes: list[int], min_s: float
+) -> dict[int, float]:
+    """Raw ``core`` seq/s on the same histories, in arrival order (no sorting), per batch size."""
+    out = {}
+    for bs in batch_sizes:
+        n_batches = max(1, min(len(ids) // bs, 4))
+        el, n, _ = timed_core(enc, [ids[i * bs : (i + 1) * bs] for i in range(n_batches)], min_s)
+        out[bs] = n / el
+    return out
+
+
+async def bench_model(
+    model: str,
+    fk: FKData,
+    cases: list[dict[str, Any]],
+    catalog: Path,
+    redis_url: str,
+    plan: dict[str, Any],
+) -> dict[str, Any]:
+    store = Path(tempfile.mkdtemp(prefix="cprec-bench-store-"))
+    common = {"CPREC_BASE_MODEL": model, "CPREC_MAX_BATCH_SIZE": "32"}
+    # The first service builds and saves the index; the second loads the same snapshot.
+    with (
+        run_service(
+            catalog, redis_url, {**common, "CPREC_BATCHING": "true"}, store_dir=store
+        ) as on,
+        run_service(
+            catalog, redis_url, {**common, "CPREC_BATCHING": "false"}, store_dir=store
+        ) as off,
+    ):
+        svcs = {"on": on, "off": off}
+        bodies = [body(fk, c) for c in cases]
+        used = {"on": 0, "off": 0}
+
+        def fresh(name: str, n: int) -> list[dict[str, Any]]:
+            out = bodies[used[name] : used[name] + n]
+            used[name] += n
+            if len(out) < n:
+                raise RuntimeError("not enough distinct histories for cache-miss traffic")
+            return out
+
+        enc = make_encoder(model)  # the raw limit, built exactly as the service builds it
+        raw_ids = enc.pre(history_texts(fk, cases[-128:]), "query")
+        raw: dict[int, list[float]] = {}
+        rows: list[dict[str, Any]] = []
+        live: dict[str, list[float]] = {"on": [], "off": []}
+        # warm both services (first-request allocations) with histories kept out of the results
+        for name, svc in svcs.items():
+            await drive(svc.url, fresh(name, 8), 8, 8, 60)
+        for conc in plan["concurrency"]:
+            res: dict[str, list[LoadResult]] = {"on": [], "off": []}
+            n = plan["requests"][conc]
+            for _ in range(plan["rounds"]):
+                for name, svc in svcs.items():
+                    stop = asyncio.Event()
+                    live_task = asyncio.create_task(probe(svc.url, "/live", stop))
+                    r = await drive(svc.url, fresh(name, n), conc, n, plan["max_s"])
+                    stop.set()
+                    lv = await live_task
+                    res[name].append(r)
+                    if conc == max(plan["concurrency"]):
+                        live[name] += lv
+                if conc == max(plan["concurrency"]):
+                    for bs, v in raw_limit(enc, raw_ids, plan["raw_batch"], plan["raw_s"]).items():
+                        raw.setdefault(bs, []).append(v)
+            for name in svcs:
+                rows.append(
+                    {
+                        "model": model,
+                        "batching": name,
+                        "traffic": "miss",
+                        "concurrency": conc,
+                        **merge(res[name]),
+                    }
+                )
+        # cache-hit traffic: histories this service has answered already (all cached)
+        for conc in plan["concurrency"]:
+            for name, svc in svcs.items():
+                seen = bodies[8 : used[name]]
+                n = plan["hit_requests"]
+                r = await drive(svc.url, seen, conc, n, plan["max_s"])
+                rows.append(
+                    {
+                        "model": model,
+                        "batching": name,
+                        "traffic": "hit",
+                        "concurrency": conc,
+                        **merge([r]),
+                    }
+                )
+        del enc
+        gc.collect()
+    raw_rows = [
+        {
+            "model": model,
+            "batch": bs,
+            "seq_s_median": round(float(np.median(v)), 2),
+            "rounds": len(v),
+        }
+        for bs, v in sorted(raw.items())
+    ]
+    live_rows = [
+        {"model": model, "batching": k, "probes": len(v), **lat_summary(v)} for k, v in live.items()
+    ]
+    return {"rows": rows, "raw": raw_rows, "live": live_rows}
+
+
+def find(rows: list[dict[str, Any]], **kw: Any) -> dict[str, Any]:
+    return next(r for r in rows if all(r[k] == v for k, v in kw.items()))
+
+
+async def run(full: bool) -> dict[str, Any]:
+    cmd = "python -m bench.serve " + ("--full" if full else "--quick")
+    fk = load_fk()
+    plan = {
+        "concurrency": [1, 8, 32],
+        "rounds": 3 if full else 2,
+        "requests": {1: 24 if full else 12, 8: 64 if full else 32, 32: 128 if full else 64},
+        "hit_requests": 400 if full else 200,
+        "max_s": 120 if full else 60,
+        "raw_batch": [1, 8, 32],
+        "raw_s": 2.0 if full else 1.0,
+    }
+    need = 8 + sum(plan["requests"][c] * plan["rounds"] for c in plan["concurrency"])
+    cases = subset(fk.cases, need + 128, seed=2)  # the last 128 feed the raw-encoder baseline
+    items = catalog_for(fk, cases, None if full else 4000)
+    models = ["minilm-l6", "smollm2-135m"] if full else ["minilm-l6"]
+    out: dict[str, Any] = {"rows": [], "raw": [], "live": []}
+    with tempfile.TemporaryDirectory(prefix="cprec-bench-cat-") as tmp, redis_server() as redis_url:
+        catalog = write_catalog(items, Path(tmp) / "catalog.jsonl")
+        for model in models:
+            r = await bench_model(model, fk, cases, catalog, redis_url, plan)
+            for k in out:
+                out[k] += r[k]
+    cols = [
+        "model",
+        "batching",
+        "traffic",
+        "concurrency",
+        "requests",
+        "failed",
+        "rps",
+        "p50_ms",
+        "p95_ms",
+        "p99_ms",
+        "p99_spread",
+        "cached_share",
+    ]
+    print_table("POST /recommend (closed loop, loopback)", out["rows"], cols)
+    print_table("raw encoder on the same histories, same run (seq/s)", out["raw"])
+    print_table("GET /live while /recommend runs at the highest concurrency", out["live"])
+
+    m = "minilm-l6"
+    on32 = find(out["rows"], model=m, batching="on", traffic="miss", concurrency=32)
+    off32 = find(out["rows"], model=m, batching="off", traffic="miss", concurrency=32)
+    raw_best = max(r["seq_s_median"] for r in out["raw"] if r["model"] == m)
+    hit1 = find(out["rows"], model=m, batching="on", traffic="hit", concurrency=1)
+    miss1 = find(out["rows"], model=m, batching="on", traffic="miss", concurrency=1)
+    hit32 = find(out["rows"], model=m, batching="on", traffic="hit", concurrency=32)
+    live_on = find(out["live"], model=m, batching="on")
+    failed = sum(r["failed"] for r in out["rows"])
+    tput = on32["rps"] / off32["rps"]
+    overhead = on32["rps"] / raw_best
+    cache = hit1["p50_ms"] / miss1["p50_ms"]
+    targets = {
+        "batching_cpu_throughput_c32": target(
+            tput,
+            0.95,
+            tput >= 0.95,
+            cmd,
+            direction=">=",
+            note=f"miss rps batching on {on32['rps']} / off {off32['rps']}, concurrency 32",
+        ),
+        "batching_cpu_p99_spread_c32": target(
+            on32["p99_spread"] / off32["p99_spread"],
+            1.0,
+            on32["p99_spread"] < off32["p99_spread"],
+            cmd,
+            direction="<",
+            note=f"p99/p50 on {on32['p99_spread']} vs off {off32['p99_spread']} (ratio < 1)",
+        ),
+        "overhead_service_vs_raw_c32": target(
+            overhead,
+            0.90,
+            overhead >= 0.90,
+            cmd,
+            direction=">=",
+            note=f"service {on32['rps']} rps / raw encoder best {raw_best} seq/s",
+        ),
+        "cache_hit_p50_vs_miss_c1": target(
+            cache,
+            0.10,
+            cache <= 0.10,
+            cmd,
+            direction="<=",
+            note=f"hit p50 {hit1['p50_ms']} ms / miss p50 {miss1['p50_ms']} ms at concurrency 1; "
+            f"at 32: {hit32['p50_ms']} / {on32['p50_ms']} ms",
+        ),
+        "live_p99_under_load_ms": target(
+            live_on["p99_ms"],
+            50.0,
+            live_on["p99_ms"] <= 50.0,
+            cmd,
+            direction="<=",
+            note=f"/live p99 while /recommend runs at concurrency 32 ({live_on['probes']} probes)",
+        ),
+        "serve_failed_requests": target(failed, 0, failed == 0, cmd, direction="=="),
+    }
+    res = {
+        "mode": "full" if full else "quick",
+        "command": cmd,
+        "plan": plan,
+        "catalog_items": len(items),
+        **out,
+        "targets": targets,
+    }
+    save_result("serve", res)
+    return res
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--full", action="store_true")
+    args = ap.parse_args(argv)
+    return asyncio.run(run(args.full and not args.quick))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Dynamic batching returns the vectors the unbatched path returns (issue 5 optimisations).
+
+The batcher coalesces concurrent requests and, with ``max_padding`` set (the CPU default), sorts a
+batch by length and splits it into forwards with bounded padding; both must be invisible in the
+vectors: within 1e-5 cosine of one-at-a-time encoding, in the right order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.batcher import Batcher
+from service.encoder import FakeEncoder, HFEncoder
+
+TEXTS = [
+    "Food: coffee",
+    "Kitchen: a very long title about a cast iron skillet with a lid and a silicone handle "
+    "holder, pre-seasoned, ten inch, oven safe; Food: dark roast coffee beans, two pounds",
+    "Food: green tea bags; Kitchen: kettle",
+    "Kitchen: oat milk frother with a stainless steel whisk and a stand",
+    "Food: honey",
+    "Food: organic wildflower honey; Food: espresso pods; Kitchen: grinder; Kitchen: scale; "
+    "Food: decaf ground coffee; Kitchen: french press",
+]
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+async def _embed_all(enc, enabled: bool, max_padding: float | None) -> np.ndarray:  # type: ignore[no-untyped-def]
+    b = Batcher(enc, max_batch_size=32, max_wait_ms=50.0, enabled=enabled, max_padding=max_padding)
+    await b.start()
+    try:
+        return np.stack(await asyncio.gather(*(b.embed(t) for t in TEXTS)))  # [N, D]
+    finally:
+        await b.stop()
+
+
+@pytest.mark.parametrize("max_padding", [None, 0.25, 0.0])
+@pytest.mark.parametrize("model", ["tiny_bert_dir", "tiny_llama_dir"])
+async def test_batched_equals_unbatched(
+    model: str, max_padding: float | None, request: pytest.FixtureRequest
+) -> None:
+    path: Path = request.getfixturevalue(model)
+    is_dec = model == "tiny_llama_dir"
+    enc = HFEncoder(
+        path, pooling="last" if is_dec else "mean", is_decoder=is_dec, device="cpu", dtype="float32"
+    )
+    single = np.stack([enc.core(enc.pre([t], "query"))[0] for t in TEXTS])
+    batched = await _embed_all(enc, enabled=True, max_padding=max_padding)
+    unbatched = await _embed_all(enc, enabled=False, max_padding=max_padding)
+    assert _cos(batched, single).min() >= 1 - 1e-5
+    assert _cos(unbatched, single).min() >= 1 - 1e-5
+
+
+def test_split_bounds_padding_and_covers_every_row_once() -> None:
+    b = Batcher(FakeEncoder(), max_padding=0.25)
+    batch = [[0] * n for n in (200, 12, 256, 15, 250, 14, 60, 256)]
+    groups = b._split(batch)
+    assert sorted(i for g in groups for i in g) == list(range(len(batch)))
+    for g in groups:
+        lens = [len(batch[i]) for i in g]
+        assert max(lens) * len(lens) <= 1.25 * sum(lens)
+    assert len(groups) > 1
+    # no limit: one forward in input order (the GPU default)
+    assert Batcher(FakeEncoder(), max_padding=None)._split(batch) == [list(range(len(batch)))]
+
+
+async def test_split_forwards_keep_request_order() -> None:
+    enc = FakeEncoder(dim=16)
+    vecs = await _embed_all(enc, enabled=True, max_padding=0.0)
+    want = enc.core(enc.pre(TEXTS, "query"))
+    assert np.allclose(vecs, want, atol=1e-6)
+    assert max(enc.batch_sizes[:-1]) < len(TEXTS)  # the coalesced batch was split
