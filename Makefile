@@ -47,3 +47,10 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache var
+
+# Known vulnerabilities in the pinned environment (PyPI advisory database; needs the network).
+# The result is recorded in docs/reliability.md.
+audit: $(STAMP)
+	$(BIN)/pip install -q -c constraints.txt -e ".[audit]"
+	# --strict: a package that cannot be checked fails the audit instead of passing unchecked.
+	$(BIN)/pip-audit --local --skip-editable --strict --progress-spinner off
