@@ -73,6 +73,18 @@ class Settings(BaseSettings):
         default=16384, ge=64, description="Max padded tokens (batch x longest) per forward pass."
     )
     queue_size: int = Field(default=256, ge=1, description="Pending encodes before 429.")
+    batch_max_padding: float | None = Field(
+        default=None, ge=0,
+        description="Padded tokens allowed per forward, as a fraction of the real tokens; a "
+        "coalesced batch is length-sorted and split into forwards that respect it. On CPU a "
+        "forward costs the same per token at any batch size, so padding is pure loss (auto = "
+        "0.25 on CPU); on a GPU a bigger batch is worth its padding (auto = unlimited).",
+    )
+    quantize: Literal["none", "int8"] = Field(
+        default="none",
+        description="int8 = dynamic per-channel int8 Linear layers (CPU only). Off unless its "
+        "FK-LOO NDCG@10 loss is under 2% relative (docs/benchmarks.md): bf16 is faster here.",
+    )
     # cache
     redis_url: str | None = Field(
         default=None,
@@ -93,6 +105,11 @@ class Settings(BaseSettings):
     hnsw_m: int = Field(default=32, ge=4, le=128)
     hnsw_ef_search: int = Field(default=128, ge=8, le=4096)
     faiss_gpu: bool = Field(default=True, description="Move indexes to the GPU when possible.")
+    faiss_search_threads: int = Field(
+        default=1, ge=0, le=1024,
+        description="OpenMP threads per search call (0 = faiss default, all cores). One keeps a "
+        "single-user search from fighting the encoder's threads for the same cores.",
+    )
     embed_batch_size: int = Field(default=64, ge=1, le=4096, description="Reindex batch size.")
     # request limits
     max_k: int = Field(default=200, ge=1, le=10000)
