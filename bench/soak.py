@@ -1,0 +1,359 @@
+"""Soak: the real service for two minutes at concurrency 32, with a full reindex and a Redis
+restart in the middle. Issue 4, "Load".
+
+One ``python -m service`` process (the bundled MiniLM on CPU, the shipped demo catalogue, a
+private ``redis-server`` on a free loopback port) takes a closed loop of ``/recommend`` calls from
+32 workers: half re-send a history from a warm pool (cache hits), half send a history never seen
+before (cache misses, each one a forward pass). At about 25% of the run every catalogue title is
+changed and a full reindex is posted (all items are re-embedded on the same device thread the
+requests use); at about 60% Redis is stopped for a few seconds and started again, empty.
+
+Reported per phase (before / during / after each event): requests, p50 / p99, cache-hit share,
+5xx and lost requests (no response: a connection error or a 60 s timeout), and the server's
+RSS over the run. Passes when there is no 5xx, nothing is lost, the reindex succeeds, the cache
+serves hits again after Redis returns, the RSS grows by less than ``--rss-bound-mib`` from the
+end of warm-up to the end, and SIGTERM ends the process cleanly (exit 0). Traffic goes to
+127.0.0.1 only and every loop is bounded in time.
+
+    python -m bench.soak              # 120 s, concurrency 32; writes bench/results/soak.json
+    python -m bench.soak --quick      # 30 s smoke run (not recorded)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results" / "soak.json"
+DOC = REPO / "docs" / "benchmarks.md"
+TOKEN = "soak-admin-token-5b1d"
+REDIS_RETRY_S = 2.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Redis:
+    def __init__(self, workdir: Path) -> None:
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            sys.exit("redis-server is not installed (apt-get install redis-server)")
+        self.port, self.workdir = free_port(), workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [str(self.binary), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+
+@dataclass
+class Sample:
+    t: float  # start, seconds since the load began
+    latency: float
+    status: int  # 0 = lost (no response)
+    cached: bool
+    kind: str  # hit | miss
+
+
+def load_catalog() -> list[dict[str, Any]]:
+    from service.settings import DEMO_CATALOG
+
+    return [json.loads(line) for line in DEMO_CATALOG.read_text().splitlines() if line.strip()]
+
+
+async def wait_ready(client: httpx.AsyncClient, proc: subprocess.Popen[bytes],
+                     timeout: float = 600) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"service exited with {proc.returncode} before it was ready")
+        try:
+            r = await client.get("/ready", timeout=2)
+            if r.status_code == 200:
+                body: dict[str, Any] = r.json()
+                return body
+        except httpx.HTTPError:
+            pass
+        await asyncio.sleep(0.25)
+    raise RuntimeError("service not ready in time")
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    return round(float(np.percentile(xs, q)) * 1000, 1) if xs else None
+
+
+async def soak(args: argparse.Namespace) -> dict[str, Any]:
+    catalog = load_catalog()
+    work = Path(tempfile.mkdtemp(prefix="cprec-soak-"))
+    redis = Redis(work)
+    redis.start()
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "CPREC_STORE_DIR": str(work / "store"), "CPREC_ADMIN_TOKEN": TOKEN,
+           "REDIS_URL": f"redis://127.0.0.1:{redis.port}/0", "CPREC_REDIS_RETRY_S":
+           str(REDIS_RETRY_S), "CPREC_BASE_MODEL": args.model, "CPREC_LOG_LEVEL": "WARNING",
+           "CPREC_FAISS_GPU": "false"}
+    log = open(work / "service.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "service", "--host", "127.0.0.1",
+                             "--port", str(port)], cwd=REPO, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    ps = psutil.Process(proc.pid)
+    base = f"http://127.0.0.1:{port}"
+    limits = httpx.Limits(max_connections=args.concurrency + 8,
+                          max_keepalive_connections=args.concurrency + 8)
+    result: dict[str, Any] = {}
+    try:
+        async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as client:
+            ready = await wait_ready(client, proc)
+            by_domain: dict[str, list[dict[str, Any]]] = {}
+            for it in catalog:
+                by_domain.setdefault(it["domain"], []).append(it)
+            domains = sorted(by_domain)
+
+            def history(n: int) -> list[dict[str, str]]:
+                r = random.Random(n)
+                picks = [r.choice(catalog) for _ in range(r.randint(2, 8))]
+                return [{"domain": p["domain"], "title": p["title"]} for p in picks]
+
+            warm = [history(i) for i in range(args.warm_pool)]
+            for i in range(0, len(warm), 16):  # warm the cache (and the allocator)
+                await asyncio.gather(*[client.post("/recommend", json={"history": h, "k": 10})
+                                       for h in warm[i:i + 16]])
+            samples: list[Sample] = []
+            rss: list[tuple[float, float]] = []
+            events: dict[str, float] = {}
+            t0 = time.monotonic()
+            stop_at = t0 + args.duration
+            counter = iter(range(10**6, 10**9))
+
+            async def worker(w: int) -> None:
+                wrng = random.Random(w)
+                while time.monotonic() < stop_at:
+                    kind = "hit" if wrng.random() < 0.5 else "miss"
+                    h = wrng.choice(warm) if kind == "hit" else history(next(counter))
+                    body = {"history": h, "k": 10,
+                            "target_domains": wrng.sample(domains, k=min(2, len(domains)))}
+                    ts = time.monotonic()
+                    try:
+                        r = await client.post("/recommend", json=body)
+                        status = r.status_code
+                        cached = status == 200 and bool(r.json().get("cached"))
+                    except (httpx.HTTPError, ValueError):
+                        status, cached = 0, False
+                    samples.append(Sample(ts - t0, time.monotonic() - ts, status, cached, kind))
+
+            async def sample_rss() -> None:
+                while time.monotonic() < stop_at:
+                    rss.append((time.monotonic() - t0, ps.memory_info().rss / 2**20))
+                    await asyncio.sleep(1.0)
+
+            async def events_task() -> dict[str, Any]:
+                out: dict[str, Any] = {}
+                await asyncio.sleep(args.duration * 0.25)
+                items = [{**it, "title": f"{it['title']} (2nd edition)"} for it in catalog]
+                events["reindex_start"] = time.monotonic() - t0
+                r = await client.post("/items/reindex", json={"mode": "full", "items": items},
+                                      headers={"Authorization": f"Bearer {TOKEN}"})
+                out["reindex_submit_status"] = r.status_code
+                job = r.json()
+                while job.get("state") in ("queued", "running"):
+                    await asyncio.sleep(0.25)
+                    job = (await client.get(f"/items/reindex/{job['job_id']}",
+                                            headers={"Authorization": f"Bearer {TOKEN}"})).json()
+                events["reindex_end"] = time.monotonic() - t0
+                out["reindex_state"], out["reindex_items"] = job.get("state"), len(items)
+                out["reindex_error"] = job.get("error")
+                await asyncio.sleep(max(0.0, args.duration * 0.6 - (time.monotonic() - t0)))
+                events["redis_stop"] = time.monotonic() - t0
+                await asyncio.to_thread(redis.stop)
+                await asyncio.sleep(args.redis_down_s)
+                await asyncio.to_thread(redis.start)
+                events["redis_start"] = time.monotonic() - t0
+                return out
+
+            tasks = [asyncio.create_task(worker(w)) for w in range(args.concurrency)]
+            ev = asyncio.create_task(events_task())
+            await asyncio.gather(sample_rss(), *tasks)
+            ev_out = await ev
+            metrics = (await client.get("/metrics")).text
+            final_ready = (await client.get("/ready")).json()
+    finally:
+        # SIGTERM: the process drains and must exit 0 on its own.
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()
+        redis.stop()
+    exit_code = proc.returncode
+
+    # -- phases ---------------------------------------------------------------------------------
+    # A cache outage lasts from the stop until the back-off after the last failure has run out.
+    back = events["redis_start"] + REDIS_RETRY_S
+    phases = [
+        ("before reindex", 0.0, events["reindex_start"]),
+        ("during reindex", events["reindex_start"], events["reindex_end"]),
+        ("after reindex", events["reindex_end"], events["redis_stop"]),
+        ("Redis down", events["redis_stop"], back),
+        ("after Redis restart", back, float(args.duration) + 60),
+    ]
+    rows = []
+    for name, a, b in phases:
+        ss = [s for s in samples if a <= s.t < b]
+        ok = [s.latency for s in ss if s.status == 200]
+        hits = [s for s in ss if s.kind == "hit" and s.status == 200]
+        rows.append({
+            "phase": name, "from_s": round(a, 1), "to_s": round(min(b, args.duration), 1),
+            "requests": len(ss), "rps": round(len(ss) / max(min(b, args.duration) - a, 1e-9), 1),
+            "p50_ms": pct(ok, 50), "p99_ms": pct(ok, 99),
+            "p99_miss_ms": pct([s.latency for s in ss if s.status == 200 and s.kind == "miss"],
+                               99),
+            "cache_hit_share_of_repeats": round(sum(s.cached for s in hits) / len(hits), 3)
+            if hits else None,
+            "status_5xx": sum(500 <= s.status < 600 for s in ss),
+            "status_429": sum(s.status == 429 for s in ss),
+            "lost": sum(s.status == 0 for s in ss),
+        })
+    warm_end = [m for t, m in rss if t >= 10.0] or [m for _, m in rss]
+    mem = {"rss_start_mib": round(rss[0][1], 1), "rss_after_warmup_mib": round(warm_end[0], 1),
+           "rss_max_mib": round(max(m for _, m in rss), 1),
+           "rss_end_mib": round(rss[-1][1], 1),
+           "growth_after_warmup_mib": round(rss[-1][1] - warm_end[0], 1),
+           "bound_mib": args.rss_bound_mib}
+    cache_errors = sum(float(m.group(1)) for m in re.finditer(
+        r'^cprec_cache_total\{result="error"\} (\S+)', metrics, re.M))
+    total = len(samples)
+    checks = {
+        "zero_5xx": sum(r["status_5xx"] for r in rows) == 0,
+        "zero_lost": sum(r["lost"] for r in rows) == 0,
+        "reindex_succeeded": ev_out.get("reindex_state") == "succeeded",
+        "new_index_served": final_ready.get("index_version") != ready.get("index_version"),
+        "cache_errors_counted": cache_errors > 0,
+        "cache_used_after_restart": (rows[-1]["cache_hit_share_of_repeats"] or 0) > 0.5,
+        "memory_bound": mem["growth_after_warmup_mib"] < args.rss_bound_mib,
+        "sigterm_exit_0": exit_code == 0,
+    }
+    result = {
+        "benchmark": "soak", "model": args.model, "duration_s": args.duration,
+        "concurrency": args.concurrency, "catalogue_items": len(catalog),
+        "requests": total, "rps": round(total / args.duration, 1),
+        "events_s": {k: round(v, 1) for k, v in events.items()}, **ev_out,
+        "cache_errors_counted": cache_errors, "phases": rows, "memory": mem,
+        "checks": checks, "passed": all(checks.values()),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version()},
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def table(res: dict[str, Any]) -> str:
+    lines = ["| phase | window (s) | requests | req/s | p50 ms | p99 ms | p99 miss ms | "
+             "cache hits (repeats) | 5xx | 429 | lost |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in res["phases"]:
+        hit = r["cache_hit_share_of_repeats"]
+        lines.append(f"| {r['phase']} | {r['from_s']}–{r['to_s']} | {r['requests']} | "
+                     f"{r['rps']} | {r['p50_ms']} | {r['p99_ms']} | {r['p99_miss_ms']} | "
+                     f"{'' if hit is None else f'{hit:.0%}'} | {r['status_5xx']} | "
+                     f"{r['status_429']} | {r['lost']} |")
+    m = res["memory"]
+    lines += ["", f"Server RSS: {m['rss_start_mib']} MiB at the start of the load, "
+              f"{m['rss_after_warmup_mib']} MiB after 10 s, max {m['rss_max_mib']} MiB, "
+              f"{m['rss_end_mib']} MiB at the end: growth {m['growth_after_warmup_mib']} MiB "
+              f"(bound {m['bound_mib']} MiB).",
+              "Checks: " + ", ".join(f"{k} {'✓' if v else '✗'}" for k, v in res["checks"].items())]
+    return "\n".join(lines)
+
+
+def write_doc(res: dict[str, Any]) -> None:
+    ev = res["events_s"]
+    body = (f"<!-- soak:start -->\n## Soak (`python -m bench.soak`)\n\n"
+            f"{res['duration_s']} s at concurrency {res['concurrency']} against `python -m "
+            f"service` ({res['model']}, CPU, {res['catalogue_items']}-item demo catalogue, private "
+            f"redis-server), half cache-hit and half cache-miss traffic; a full reindex of every "
+            f"item (all titles changed, so all re-embedded) from {ev['reindex_start']} s to "
+            f"{ev['reindex_end']} s, Redis stopped at {ev['redis_stop']} s and back at "
+            f"{ev['redis_start']} s (the cache is skipped for {REDIS_RETRY_S:g} s after a "
+            f"failure). {res['requests']} requests, {res['rps']} req/s overall; {res['date']}, "
+            f"{res['machine']['cpus']} shared cores. Raw: `bench/results/soak.json`.\n\n"
+            f"{table(res)}\n<!-- soak:end -->")
+    text = DOC.read_text(encoding="utf-8") if DOC.exists() else "# Benchmarks\n"
+    if "<!-- soak:start -->" in text and "<!-- soak:end -->" in text:
+        a = text.index("<!-- soak:start -->")
+        b = text.index("<!-- soak:end -->") + len("<!-- soak:end -->")
+        text = text[:a] + body + text[b:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + body + "\n"
+    DOC.write_text(text, encoding="utf-8")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--duration", type=float, default=120.0)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--model", default="minilm-l6")
+    p.add_argument("--warm-pool", type=int, default=200, help="histories re-sent as cache hits")
+    p.add_argument("--redis-down-s", type=float, default=4.0)
+    p.add_argument("--rss-bound-mib", type=float, default=150.0,
+                   help="max RSS growth from 10 s into the load to its end")
+    p.add_argument("--quick", action="store_true", help="30 s smoke run; results not recorded")
+    args = p.parse_args()
+    if args.quick:
+        args.duration = 30.0
+    res = asyncio.run(soak(args))
+    print(table(res))
+    if not args.quick:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+        write_doc(res)
+    sys.exit(0 if res["passed"] else 1)
+
+
+if __name__ == "__main__":
+    main()
