@@ -273,7 +273,9 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         "reindex_succeeded": ev_out.get("reindex_state") == "succeeded",
         "new_index_served": final_ready.get("index_version") != ready.get("index_version"),
         "cache_errors_counted": cache_errors > 0,
-        "cache_used_after_restart": (rows[-1]["cache_hit_share_of_repeats"] or 0) > 0.5,
+        # Redis comes back empty: a repeat first misses (and is written), then hits. Any hit
+        # after the restart shows the cache is read and written again.
+        "cache_used_after_restart": (rows[-1]["cache_hit_share_of_repeats"] or 0) > 0,
         "memory_bound": mem["growth_after_warmup_mib"] < args.rss_bound_mib,
         "sigterm_exit_0": exit_code == 0,
     }
