@@ -210,6 +210,7 @@ def run_zeroshot(
     *,
     text_cases: Sequence[Case] | None = None,
     cache_dir: Path | None = None,
+    store_dir: Path = Path("var/store"),
     n_last: int = 10,
     max_length: int = 256,
     template: Template = DEFAULT_TEMPLATE,
@@ -222,9 +223,10 @@ def run_zeroshot(
 
     if model not in BUNDLED:
         raise KeyError(f"unknown zero-shot model {model!r}; known: {sorted(BUNDLED)}")
-    store = Path(cache_dir) if cache_dir is not None else Path("var/store")
     t0 = time.perf_counter()
-    enc = load_encoder(model, store, max_length=max_length, device=device)
+    # store_dir: where the service caches converted bundled bases (SmolLM2's GGUF -> safetensors);
+    # cache_dir: item vectors of this benchmark.
+    enc = load_encoder(model, Path(store_dir), max_length=max_length, device=device)
     run = ZeroShotRun(model=model, dtype=str(enc.dtype).removeprefix("torch."))
     run.stages.append({"stage": "load", "wall_s": round(time.perf_counter() - t0, 2)})
     st_items = EncodeStats(f"{model} items")

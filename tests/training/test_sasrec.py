@@ -12,8 +12,10 @@ from training.sasrec import (
     SASRec,
     SASRecConfig,
     build_pairs,
+    build_windows,
     encode_histories,
     fit,
+    pack_batches,
     rank_sasrec,
     score_cases,
     valid_ndcg_fn,
@@ -67,6 +69,43 @@ def test_build_pairs_truncates_and_shifts():
     assert lens.tolist() == [1, 2, 1, 2, 3, 3]
     assert hist[1].tolist() == [6, 7, 0]  # shifted by one, left-aligned, 0 = padding
     assert hist[5].tolist() == [3, 4, 5]  # last 3 of [1, 2, 3, 4]
+
+
+def test_windows_hold_exactly_the_pairs():
+    seqs = [[5, 6, 7], [1, 2, 3, 4, 9, 8, 11], [3]]
+    inputs, targets, n_t = build_windows(seqs, max_len=3)
+    hist, lens, tg = build_pairs(seqs, max_len=3)
+    from_windows = sorted(
+        (tuple(inputs[w, max(0, t + 1 - 3) : t + 1]), int(targets[w, t]))
+        for w in range(len(inputs))
+        for t in range(3)
+        if targets[w, t] >= 0
+    )
+    from_pairs = sorted((tuple(hist[p, : lens[p]]), int(tg[p])) for p in range(len(tg)))
+    assert from_windows == from_pairs
+    assert n_t.sum() == len(tg) == 8
+    # pairs whose prefix is cut to max_len items get their own window (RecBole's truncation)
+    assert inputs.tolist()[2] == [3, 4, 5] and targets.tolist()[2] == [-1, -1, 9]
+
+
+def test_pack_batches_by_pair_count():
+    n_t = np.array([3, 1, 4, 1, 5, 9, 2, 6])
+    batches = pack_batches(n_t, np.arange(8), 5)
+    assert np.concatenate(batches).tolist() == list(range(8))
+    sums = [int(n_t[b].sum()) for b in batches]
+    assert all(x >= 5 for x in sums[:-1]) and sum(sums) == n_t.sum()
+
+
+def test_window_states_equal_pair_states():
+    torch.manual_seed(0)
+    model = SASRec(N_ITEMS, small_cfg()).eval()
+    seq = [4, 8, 15, 16, 23, 42]
+    inputs, targets, _ = build_windows([seq], max_len=8)
+    with torch.no_grad():
+        all_states = model.forward_all(torch.from_numpy(inputs[:, :5]))[0]  # [5, H]
+        for t in range(5):
+            one = model(*encode_histories([seq[: t + 1]], max_len=8))[0]
+            torch.testing.assert_close(all_states[t], one, rtol=1e-5, atol=1e-5)
 
 
 def test_shapes_and_padding_invariance():
