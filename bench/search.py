@@ -6,7 +6,7 @@ Synthetic vectors are seeded, unit-norm, 384-d (MiniLM's width) and clustered (2
 clusters): uniform random vectors would be a worst case no catalogue looks like. Recall@10 of
 HNSW is measured against the exact flat index on the same queries.
 
-    python -m bench.search --quick   # FK domain sizes; HNSW on 20,000 vectors
+    python -m bench.search --quick   # FK domain sizes; HNSW on 10,000 vectors
     python -m bench.search --full    # HNSW on 1,000,000 vectors (the build takes a while)
 """
 
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ex = exact([1, 4, 16, 64, 256] if full else [1, 16, 256], 1.0 if full else 0.3)
     print_table("exact per-domain search (ItemIndex.search, k=10, 13 excluded)", ex)
     ann = hnsw_tradeoff(
-        1_000_000 if full else 20_000,
+        1_000_000 if full else 10_000,
         1000 if full else 300,
         [16, 32, 64, 128, 256] if full else [16, 64, 128],
     )
