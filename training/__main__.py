@@ -1,4 +1,6 @@
-"""``python -m training {corpus,cpt,finetune,evaluate,publish,pipeline} --config X.yaml [--set k=v]``.
+"""``python -m training STAGE --config X.yaml [--set k=v]``.
+
+STAGE is one of corpus, cpt, finetune, evaluate, publish, pipeline.
 
 Stages read and write under ``output_dir`` from the config, so they can be run one by one:
 ``corpus`` -> ``cpt`` -> ``finetune`` -> ``evaluate`` -> ``publish``; ``pipeline`` runs them all.
@@ -19,25 +21,45 @@ from training.data import DataError
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["corpus", "cpt", "finetune", "evaluate", "publish", "pipeline"])
+    p = argparse.ArgumentParser(
+        prog="python -m training",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "stage", choices=["corpus", "cpt", "finetune", "evaluate", "publish", "pipeline"]
+    )
     p.add_argument("--config", type=Path, required=True, help="YAML config (see configs/).")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="Override a config value, e.g. --set cpt.steps=20 (repeatable).")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Override a config value, e.g. --set cpt.steps=20 (repeatable).",
+    )
     p.add_argument("--system", default=None, help="Apply a benchmark system's config change.")
-    p.add_argument("--skip-bad-rows", action="store_true",
-                   help="Skip invalid input rows (they are counted and reported).")
-    p.add_argument("--model-dir", type=Path, default=None,
-                   help="evaluate/publish: the model folder (default: output_dir/finetune/model).")
+    p.add_argument(
+        "--skip-bad-rows",
+        action="store_true",
+        help="Skip invalid input rows (they are counted and reported).",
+    )
+    p.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="evaluate/publish: the model folder (default: output_dir/finetune/model).",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     overrides = list(args.overrides) + (["data.skip_bad_rows=true"] if args.skip_bad_rows else [])
@@ -64,15 +86,17 @@ def main(argv: list[str] | None = None) -> int:
         elif args.stage == "finetune":
             start = pl.cpt_dir(cfg) / "model" if cfg.cpt.enabled else pl.base_dir(cfg)
             if not (start / "config.json").is_file():
-                raise FileNotFoundError(f"{start} not found: run the cpt stage first "
-                                        "(or --set cpt.enabled=false)")
+                raise FileNotFoundError(
+                    f"{start} not found: run the cpt stage first (or --set cpt.enabled=false)"
+                )
             model_dir, summary = pl.stage_finetune(cfg, data, start)
             print(f"fine-tuned model: {model_dir}\n{json.dumps(summary, indent=2)}")
         else:
             model_dir = args.model_dir or cfg.output_dir / "finetune" / "model"
             if not (model_dir / "config.json").is_file():
-                raise FileNotFoundError(f"{model_dir} not found: run finetune first or pass "
-                                        "--model-dir")
+                raise FileNotFoundError(
+                    f"{model_dir} not found: run finetune first or pass --model-dir"
+                )
             metrics, _ = pl.stage_evaluate(cfg, data, model_dir)
             if args.stage == "publish":
                 stages = {}
@@ -80,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
                     f = cfg.output_dir / st / "summary.json"
                     stages[st] = json.loads(f.read_text()) if f.is_file() else {}
                 cp = pl.cpt_dir(cfg) / "summary.json"
-                stages["cpt"] = json.loads(cp.read_text()) if cfg.cpt.enabled and cp.is_file() else {}
+                stages["cpt"] = (
+                    json.loads(cp.read_text()) if cfg.cpt.enabled and cp.is_file() else {}
+                )
                 pl.write_catalog(data, cfg.output_dir / "catalog.jsonl")
                 art = pl.stage_publish(cfg, data, model_dir, metrics, stages)
                 print(f"published {art.version} to {cfg.publish.resolved_store()}")

@@ -35,7 +35,8 @@ class DataConfig(_Strict):
     )
     fkloo_root: Path | None = Field(default=None, description="FK-LOO folder; default shared.")
     subset: int | None = Field(
-        default=None, ge=1,
+        default=None,
+        ge=1,
         description="FK-LOO: keep this many evaluation users (and the training users needed; "
         "see training.fkloo). None = the full benchmark.",
     )
@@ -58,7 +59,9 @@ class ModelConfig(_Strict):
         description="Bundled name (minilm-l6, smollm2-135m) or a local HF folder.",
     )
     max_length: int = Field(default=128, ge=8, le=8192, description="Tokens per user/item text.")
-    dtype: str = Field(default="auto", description="auto (bf16 on CUDA, else fp32) | float32 | bf16")
+    dtype: str = Field(
+        default="auto", description="auto (bf16 on CUDA, else fp32) | float32 | bf16"
+    )
     device: str = Field(default="auto", description="auto | cpu | cuda")
     gradient_checkpointing: bool = False
 
@@ -70,7 +73,8 @@ class LoraConfig(_Strict):
     dropout: float = Field(default=0.05, ge=0, lt=1)
     target_modules: list[str] | None = Field(
         default=None,
-        description="None = by architecture: Llama q,k,v,o,gate,up,down proj; BERT query,key,value,dense.",
+        description="None = by architecture: Llama q/k/v/o/gate/up/down_proj; "
+        "BERT query/key/value/dense.",
     )
 
 
@@ -82,14 +86,20 @@ class ScheduleConfig(_Strict):
     min_ratio: float = Field(default=0.1, gt=0, le=1)
 
     def kwargs(self) -> dict[str, Any]:
-        return {"warmup_frac": self.warmup_frac, "anneal_frac": self.anneal_frac,
-                "min_ratio": self.min_ratio, "shape": self.anneal_shape}
+        return {
+            "warmup_frac": self.warmup_frac,
+            "anneal_frac": self.anneal_frac,
+            "min_ratio": self.min_ratio,
+            "shape": self.anneal_shape,
+        }
 
 
 class CorpusConfig(_Strict):
     context_length: int = Field(default=256, ge=16, description="Tokens per corpus chunk.")
     mixed_ratio: float = Field(
-        default=0.5, ge=0, le=1,
+        default=0.5,
+        ge=0,
+        le=1,
         description="Share of all-domain mixed sequences among corpus sequences (the other share "
         "is domain-specific). 0 = domain-specific only (the ablation), 1 = mixed only.",
     )
@@ -143,6 +153,9 @@ class FinetuneConfig(_Strict):
         description="Learn a per-item vector added to the text vector of items seen in training "
         "(cold items use text alone). Evaluation-only: the service encodes items from text.",
     )
+    early_stopping: bool = Field(
+        default=True, description="Evaluate on valid during training, stop early, keep the best."
+    )
     eval_every: int = Field(default=100, ge=1, description="Steps between valid evaluations.")
     eval_cases: int | None = Field(default=500, ge=1, description="Valid cases for early stopping.")
     patience: int = Field(default=3, ge=1, description="Evaluations without improvement.")
@@ -157,7 +170,9 @@ class EvaluateConfig(_Strict):
 
 class PublishConfig(_Strict):
     enabled: bool = True
-    store_dir: Path | None = Field(default=None, description="Default $CPREC_STORE_DIR or var/store.")
+    store_dir: Path | None = Field(
+        default=None, description="Default $CPREC_STORE_DIR or var/store."
+    )
     version: str | None = Field(default=None, description="Default: timestamped.")
     production: bool = Field(default=False, description="Also move the production alias.")
     parent: str | None = None
@@ -184,7 +199,9 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        if self.data.source == "files" and (self.data.catalog is None or self.data.interactions is None):
+        if self.data.source == "files" and (
+            self.data.catalog is None or self.data.interactions is None
+        ):
             raise ValueError("data.source=files needs data.catalog and data.interactions")
         if self.data.source == "normalized" and not self.data.normalized:
             raise ValueError("data.source=normalized needs data.normalized (a folder name)")

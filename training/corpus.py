@@ -80,7 +80,10 @@ def _chunk_items(
 
 
 def build_corpus(
-    data: LoadedData, template: Template, cfg: CorpusConfig, count_tokens: TokenCounter,
+    data: LoadedData,
+    template: Template,
+    cfg: CorpusConfig,
+    count_tokens: TokenCounter,
     reserve: int = 1,
 ) -> tuple[list[Chunk], dict]:
     """Chunks and statistics. ``reserve`` tokens per chunk are kept for BOS/EOS."""
@@ -99,7 +102,8 @@ def build_corpus(
 
     def render(ids: list[int]) -> str:
         return template.render_sequence(
-            Behaviour(d.items[i].domain, _title_with_extra(data, i)) for i in ids)
+            Behaviour(d.items[i].domain, _title_with_extra(data, i)) for i in ids
+        )
 
     domain_chunks: list[Chunk] = []
     mixed_chunks: list[Chunk] = []
@@ -119,8 +123,10 @@ def build_corpus(
     domain_chunks, mixed_chunks = _apply_ratio(domain_chunks, mixed_chunks, cfg.mixed_ratio, rng)
     chunks = domain_chunks + mixed_chunks
     counts = count_tokens([c.text for c in chunks]) if chunks else []
-    chunks = [Chunk(c.user_id, c.kind, c.domains, c.item_ids, c.text, n)
-              for c, n in zip(chunks, counts, strict=True)]
+    chunks = [
+        Chunk(c.user_id, c.kind, c.domains, c.item_ids, c.text, n)
+        for c, n in zip(chunks, counts, strict=True)
+    ]
     order = rng.permutation(len(chunks))
     chunks = [chunks[i] for i in order]
     stats = corpus_stats(chunks, n_users=len(train))
@@ -136,7 +142,7 @@ def _title_with_extra(data: LoadedData, i: int) -> str:
 def _apply_ratio(
     dom: list[Chunk], mixed: list[Chunk], ratio: float, rng: np.random.Generator
 ) -> tuple[list[Chunk], list[Chunk]]:
-    """Subsample one kind so that mixed / (domain + mixed) == ratio (as nearly as integers allow)."""
+    """Subsample one kind so that mixed / (domain + mixed) == ratio (up to rounding)."""
     if ratio <= 0:
         return dom, []
     if ratio >= 1:
@@ -154,8 +160,12 @@ def _apply_ratio(
 
 
 def corpus_stats(chunks: list[Chunk], n_users: int) -> dict:
-    out: dict = {"users": n_users, "sequences": len(chunks),
-                 "tokens": int(sum(c.n_tokens for c in chunks)), "by_kind": {}}
+    out: dict = {
+        "users": n_users,
+        "sequences": len(chunks),
+        "tokens": int(sum(c.n_tokens for c in chunks)),
+        "by_kind": {},
+    }
     for kind in ("domain", "mixed"):
         sel = [c for c in chunks if c.kind == kind]
         out["by_kind"][kind] = {
@@ -168,11 +178,14 @@ def corpus_stats(chunks: list[Chunk], n_users: int) -> dict:
 
 
 def format_stats(stats: dict) -> str:
-    lines = [f"corpus: {stats['users']} users, {stats['sequences']} sequences, "
-             f"{stats['tokens']} tokens"]
+    lines = [
+        f"corpus: {stats['users']} users, {stats['sequences']} sequences, {stats['tokens']} tokens"
+    ]
     for kind, s in stats["by_kind"].items():
-        lines.append(f"  {kind:>6}: {s['sequences']} sequences from {s['users']} users, "
-                     f"{s['tokens']} tokens, {s['mean_items']} items/sequence")
+        lines.append(
+            f"  {kind:>6}: {s['sequences']} sequences from {s['users']} users, "
+            f"{s['tokens']} tokens, {s['mean_items']} items/sequence"
+        )
     return "\n".join(lines)
 
 

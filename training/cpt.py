@@ -4,7 +4,7 @@
 corpus chunks, full or LoRA (peft), and writes::
 
     out_dir/model/            plain HF folder (LoRA merged) + tokenizer: the fine-tuning start
-    out_dir/checkpoint/       accelerate state + step, for resuming an interrupted run
+    out_dir/checkpoint/       trainable weights, optimizer, scheduler, step (resume)
     out_dir/log.csv           step, loss, lr, tokens, tokens_per_s
     out_dir/curves.png        loss and LR against the step
     out_dir/summary.json      steps, tokens, tokens/s, final loss, seconds
@@ -56,16 +56,23 @@ def lora_targets(model, lcfg: LoraConfig) -> list[str]:  # type: ignore[no-untyp
         found = [t for t in cand if t in names]
         if found:
             return found
-    raise ValueError("cannot guess LoRA target modules for this architecture; "
-                     "set lora.target_modules in the config")
+    raise ValueError(
+        "cannot guess LoRA target modules for this architecture; "
+        "set lora.target_modules in the config"
+    )
 
 
 def apply_lora(model, lcfg: LoraConfig, task_type: str):  # type: ignore[no-untyped-def]
     from peft import LoraConfig as PeftLora
     from peft import get_peft_model
 
-    pc = PeftLora(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
-                  target_modules=lora_targets(model, lcfg), task_type=task_type)
+    pc = PeftLora(
+        r=lcfg.r,
+        lora_alpha=lcfg.alpha,
+        lora_dropout=lcfg.dropout,
+        target_modules=lora_targets(model, lcfg),
+        task_type=task_type,
+    )
     return get_peft_model(model, pc)
 
 
@@ -79,8 +86,9 @@ def make_accelerator(device: str, grad_accum: int):  # type: ignore[no-untyped-d
     from accelerate import Accelerator
 
     cpu = device == "cpu" or not torch.cuda.is_available()
-    return Accelerator(cpu=cpu, gradient_accumulation_steps=grad_accum,
-                       mixed_precision="no" if cpu else "bf16")
+    return Accelerator(
+        cpu=cpu, gradient_accumulation_steps=grad_accum, mixed_precision="no" if cpu else "bf16"
+    )
 
 
 def plain_config(model_dir: Path):  # type: ignore[no-untyped-def]
@@ -168,9 +176,15 @@ def run_cpt(cfg: TrainConfig, base_dir: Path, chunks: list[Chunk], out_dir: Path
 
     c = cfg.cpt
     out_dir.mkdir(parents=True, exist_ok=True)
-    key = stage_key({"cpt": c.model_dump(mode="json"), "base": str(base_dir),
-                     "model": cfg.model.model_dump(mode="json"), "n_chunks": len(chunks),
-                     "first": chunks[0].text if chunks else ""})
+    key = stage_key(
+        {
+            "cpt": c.model_dump(mode="json"),
+            "base": str(base_dir),
+            "model": cfg.model.model_dump(mode="json"),
+            "n_chunks": len(chunks),
+            "first": chunks[0].text if chunks else "",
+        }
+    )
     done = out_dir / "summary.json"
     if done.is_file() and (out_dir / "model" / "config.json").is_file():
         prev = json.loads(done.read_text())
@@ -180,16 +194,19 @@ def run_cpt(cfg: TrainConfig, base_dir: Path, chunks: list[Chunk], out_dir: Path
     if not chunks:
         raise ValueError("cpt: the corpus is empty")
     if not is_decoder_config(plain_config(base_dir)):
-        raise ValueError(f"cpt: {base_dir} is not a decoder; next-token CPT needs a decoder "
-                         "(set cpt.enabled=false to fine-tune an encoder directly)")
+        raise ValueError(
+            f"cpt: {base_dir} is not a decoder; next-token CPT needs a decoder "
+            "(set cpt.enabled=false to fine-tune an encoder directly)"
+        )
 
     torch.manual_seed(c.seed)
     acc = make_accelerator(cfg.model.device, c.grad_accum)
     tok = AutoTokenizer.from_pretrained(base_dir)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(base_dir, config=plain_config(base_dir),
-                                                 dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        base_dir, config=plain_config(base_dir), dtype=torch.float32
+    )
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -198,15 +215,19 @@ def run_cpt(cfg: TrainConfig, base_dir: Path, chunks: list[Chunk], out_dir: Path
     if c.lora.enabled:
         model = apply_lora(model, c.lora, "CAUSAL_LM")
     n_train, n_total = count_params(model)
-    log.info("cpt: %d / %d trainable parameters (%s)", n_train, n_total,
-             "LoRA" if c.lora.enabled else "full")
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=c.lr,
-                            weight_decay=c.weight_decay)
+    log.info(
+        "cpt: %d / %d trainable parameters (%s)",
+        n_train,
+        n_total,
+        "LoRA" if c.lora.enabled else "full",
+    )
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=c.lr, weight_decay=c.weight_decay
+    )
     sched = make_scheduler(opt, c.schedule.kind, c.steps, **c.schedule.kwargs())
     # The scheduler is stepped by hand once per optimizer update (not prepared): accelerate
     # would step it once per process, which breaks a step-indexed schedule.
     model, opt = acc.prepare(model, opt)
-    acc.register_for_checkpointing(sched)
 
     seqs = _tokenise(tok, chunks, cfg.corpus.context_length)
     main_pool = np.arange(len(seqs))
@@ -218,15 +239,19 @@ def run_cpt(cfg: TrainConfig, base_dir: Path, chunks: list[Chunk], out_dir: Path
         switch = anneal_start_step(c.steps, c.schedule.anneal_frac)
         if anneal_pool.size == 0:
             raise ValueError(f"cpt.anneal_domains={c.anneal_domains}: no corpus chunk qualifies")
-        log.info("cpt: annealing from step %d on %d chunks of %s", switch, anneal_pool.size,
-                 c.anneal_domains)
+        log.info(
+            "cpt: annealing from step %d on %d chunks of %s",
+            switch,
+            anneal_pool.size,
+            c.anneal_domains,
+        )
 
     ckpt = out_dir / "checkpoint"
     start, rows = 0, []
-    if c.resume and (ckpt / "state.json").is_file():
+    if c.resume and (ckpt / "state.json").is_file() and (ckpt / "state.pt").is_file():
         st = json.loads((ckpt / "state.json").read_text())
         if st.get("key") == key:
-            acc.load_state(str(ckpt))
+            _load_checkpoint(acc, model, opt, sched, ckpt)
             start, rows = int(st["step"]), st["rows"]
             log.info("cpt: resumed from step %d", start)
 
@@ -236,13 +261,20 @@ def run_cpt(cfg: TrainConfig, base_dir: Path, chunks: list[Chunk], out_dir: Path
     tokens = window_tokens = 0
     window_loss: list[float] = []
     window_t = time.perf_counter()
-    bar = tqdm(range(start, c.steps), desc="cpt", disable=not acc.is_main_process,
-               initial=start, total=c.steps)
+    bar = tqdm(
+        range(start, c.steps),
+        desc="cpt",
+        disable=not acc.is_main_process,
+        initial=start,
+        total=c.steps,
+    )
     for step in bar:
         pool = anneal_pool if step >= switch else main_pool
         for micro in range(c.grad_accum):
             rng = np.random.default_rng([c.seed, step, micro, acc.process_index])
-            pick = rng.choice(pool, size=min(c.batch_size, pool.size), replace=pool.size < c.batch_size)
+            pick = rng.choice(
+                pool, size=min(c.batch_size, pool.size), replace=pool.size < c.batch_size
+            )
             batch = {k: v.to(acc.device) for k, v in _collate([seqs[i] for i in pick], pad).items()}
             with acc.accumulate(model):
                 loss = model(**batch).loss
@@ -259,41 +291,91 @@ def run_cpt(cfg: TrainConfig, base_dir: Path, chunks: list[Chunk], out_dir: Path
         sched.step()
         if (step + 1) % c.log_every == 0 or step + 1 == c.steps:
             now = time.perf_counter()
-            row = {"step": step + 1, "loss": round(float(np.mean(window_loss)), 5),
-                   "lr": lr, "tokens": tokens,
-                   "tokens_per_s": round(window_tokens * acc.num_processes / (now - window_t), 1)}
+            row = {
+                "step": step + 1,
+                "loss": round(float(np.mean(window_loss)), 5),
+                "lr": lr,
+                "tokens": tokens,
+                "tokens_per_s": round(window_tokens * acc.num_processes / (now - window_t), 1),
+            }
             rows.append(row)
             bar.set_postfix(loss=row["loss"], lr=f"{lr:.2e}", tok_s=row["tokens_per_s"])
             window_loss, window_tokens, window_t = [], 0, now
         if (step + 1) % c.checkpoint_every == 0 and step + 1 < c.steps:
-            _save_checkpoint(acc, ckpt, key, step + 1, rows)
+            _save_checkpoint(acc, model, opt, sched, ckpt, key, step + 1, rows)
     bar.close()
     elapsed = time.perf_counter() - t0
     model_dir = out_dir / "model"
-    summary = {"key": key, "steps": c.steps, "resumed_from": start, "trainable_params": n_train,
-               "total_params": n_total, "tokens": tokens * acc.num_processes,
-               "seconds": round(elapsed, 1),
-               "tokens_per_s": round(tokens * acc.num_processes / max(elapsed, 1e-9), 1),
-               "final_loss": rows[-1]["loss"] if rows else None,
-               "first_loss": rows[0]["loss"] if rows else None,
-               "schedule": c.schedule.model_dump(), "lora": c.lora.enabled}
-    _save_checkpoint(acc, ckpt, key, c.steps, rows)  # before merging: LoRA layers change shape
+    summary = {
+        "key": key,
+        "steps": c.steps,
+        "resumed_from": start,
+        "trainable_params": n_train,
+        "total_params": n_total,
+        "tokens": tokens * acc.num_processes,
+        "seconds": round(elapsed, 1),
+        "tokens_per_s": round(tokens * acc.num_processes / max(elapsed, 1e-9), 1),
+        "final_loss": rows[-1]["loss"] if rows else None,
+        "first_loss": rows[0]["loss"] if rows else None,
+        "schedule": c.schedule.model_dump(),
+        "lora": c.lora.enabled,
+    }
+    _save_checkpoint(
+        acc, model, opt, sched, ckpt, key, c.steps, rows
+    )  # before merging: LoRA layers change shape
     if acc.is_main_process:
         write_log(rows, out_dir / "log.csv")
         plot_curves(rows, out_dir / "curves.png", f"CPT ({c.schedule.kind})")
         save_merged(acc.unwrap_model(model), tok, model_dir)
         done.write_text(json.dumps(summary, indent=2), encoding="utf-8")
     acc.wait_for_everyone()
-    log.info("cpt: %d steps, %d tokens in %.1fs (%.0f tokens/s), loss %s -> %s", c.steps,
-             summary["tokens"], elapsed, summary["tokens_per_s"], summary["first_loss"],
-             summary["final_loss"])
+    log.info(
+        "cpt: %d steps, %d tokens in %.1fs (%.0f tokens/s), loss %s -> %s",
+        c.steps,
+        summary["tokens"],
+        elapsed,
+        summary["tokens_per_s"],
+        summary["first_loss"],
+        summary["final_loss"],
+    )
     return StageResult(model_dir, summary)
 
 
-def _save_checkpoint(acc, ckpt: Path, key: str, step: int, rows: list[dict]) -> None:  # type: ignore[no-untyped-def]
-    acc.save_state(str(ckpt))
+def _save_checkpoint(
+    acc,
+    model,
+    opt,
+    sched,
+    ckpt: Path,
+    key: str,
+    step: int,  # type: ignore[no-untyped-def]
+    rows: list[dict],
+) -> None:
+    """Trainable weights (LoRA: only the adapters, MBs not the whole model), optimizer, scheduler
+    and step, written to a temp file then renamed (an interrupted save keeps the previous one)."""
     if acc.is_main_process:
+        ckpt.mkdir(parents=True, exist_ok=True)
+        m = acc.unwrap_model(model)
+        state = {
+            "model": {n: p.detach().cpu() for n, p in m.named_parameters() if p.requires_grad},
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+        }
+        torch.save(state, ckpt / "state.pt.tmp")
+        (ckpt / "state.pt.tmp").replace(ckpt / "state.pt")
         (ckpt / "state.json").write_text(json.dumps({"key": key, "step": step, "rows": rows}))
+    acc.wait_for_everyone()
+
+
+def _load_checkpoint(acc, model, opt, sched, ckpt: Path) -> None:  # type: ignore[no-untyped-def]
+    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+    missing = acc.unwrap_model(model).load_state_dict(state["model"], strict=False)
+    if missing.unexpected_keys:
+        raise RuntimeError(
+            f"{ckpt}: checkpoint does not match the model: {missing.unexpected_keys[:3]}"
+        )
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
 
 
 def save_merged(model, tok, out: Path) -> None:  # type: ignore[no-untyped-def]

@@ -113,7 +113,9 @@ def _format(path: Path) -> str:
     for ext in ("tsv", "csv", "jsonl", "parquet"):
         if name.endswith("." + ext):
             return ext
-    raise DataError(f"{path}: unknown file type; use .tsv, .csv, .jsonl (optionally .gz) or .parquet")
+    raise DataError(
+        f"{path}: unknown file type; use .tsv, .csv, .jsonl (optionally .gz) or .parquet"
+    )
 
 
 def iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
@@ -152,7 +154,11 @@ def iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | No
                 line = start  # first physical line of this record
                 start = reader.line_num + 1
                 if None in rec:
-                    yield line, None, f"more fields than the header ({len(reader.fieldnames or [])})"
+                    yield (
+                        line,
+                        None,
+                        f"more fields than the header ({len(reader.fieldnames or [])})",
+                    )
                     continue
                 if any(v is None for v in rec.values()):
                     yield line, None, "fewer fields than the header"
@@ -269,8 +275,12 @@ def read_interactions(
             continue
         dom = _text(rec.get("domain"))
         if dom and dom != cat.items[idx].domain:
-            probs.add(path, line, f"domain {dom!r} differs from the catalogue's "
-                                  f"{cat.items[idx].domain!r} for item {iid!r}")
+            probs.add(
+                path,
+                line,
+                f"domain {dom!r} differs from the catalogue's "
+                f"{cat.items[idx].domain!r} for item {iid!r}",
+            )
             continue
         try:
             ts = _number(rec.get("timestamp"))
@@ -279,7 +289,8 @@ def read_interactions(
             probs.add(path, line, "timestamp/position must be a number")
             continue
         per_user.setdefault(uid, []).append(
-            (ts if ts is not None else 0.0, pos if pos is not None else 0.0, line, idx))
+            (ts if ts is not None else 0.0, pos if pos is not None else 0.0, line, idx)
+        )
     bad = probs.finish(f"interactions {path}")
     seqs: list[TrainSeq] = []
     for uid, rows in per_user.items():
@@ -319,18 +330,31 @@ def _hash_files(paths: list[Path], extra: str = "") -> str:
 
 
 def load_files(
-    catalog: Path, interactions: Path, skip_bad_rows: bool = False, max_users: int | None = None,
+    catalog: Path,
+    interactions: Path,
+    skip_bad_rows: bool = False,
+    max_users: int | None = None,
     source: str = "files",
 ) -> LoadedData:
     cat = read_catalogue(catalog, skip_bad_rows)
     seqs, bad = read_interactions(interactions, cat, skip_bad_rows, max_users)
     train, valid, test = leave_one_out(seqs)
     data = FKLOO(items=cat.items, train=train, valid=valid, test=test, root=Path(catalog).parent)
-    stats = {"items": len(cat.items), "users": len(seqs), "eval_users": len(test),
-             "interactions": sum(len(s.item_ids) for s in seqs),
-             "bad_rows": {"catalogue": cat.bad_rows, "interactions": bad}}
-    return LoadedData(data, cat.external_ids, cat.extra_text, source,
-                      _hash_files([catalog, interactions], f"max_users={max_users}"), stats)
+    stats = {
+        "items": len(cat.items),
+        "users": len(seqs),
+        "eval_users": len(test),
+        "interactions": sum(len(s.item_ids) for s in seqs),
+        "bad_rows": {"catalogue": cat.bad_rows, "interactions": bad},
+    }
+    return LoadedData(
+        data,
+        cat.external_ids,
+        cat.extra_text,
+        source,
+        _hash_files([catalog, interactions], f"max_users={max_users}"),
+        stats,
+    )
 
 
 def normalized_paths(name: str) -> tuple[Path, Path]:
@@ -366,8 +390,9 @@ def restrict_to_subset(d: FKLOO) -> tuple[FKLOO, list[int]]:
         return [Case(c.user_id, [new[i] for i in c.history], new[c.target], c.domain) for c in cs]
 
     train = [TrainSeq(s.user_id, [new[i] for i in s.item_ids], list(s.domains)) for s in train]
-    return FKLOO(items=items, train=train, valid=cases(d.valid), test=cases(d.test),
-                 root=d.root), old
+    return FKLOO(
+        items=items, train=train, valid=cases(d.valid), test=cases(d.test), root=d.root
+    ), old
 
 
 def load_fkloo_data(cfg: DataConfig) -> LoadedData:
@@ -380,12 +405,19 @@ def load_fkloo_data(cfg: DataConfig) -> LoadedData:
     h = hashlib.sha256(json.dumps(SHA256, sort_keys=True).encode())
     h.update(f"subset={cfg.subset},seed={cfg.seed},restrict={cfg.restrict_items}".encode())
     n_cand = sum(int(d.domain_items(x).size) for x in d.domains)
-    stats = {"items": len(d.items), "candidates": n_cand, "train_users": len(d.train),
-             "valid_cases": len(d.valid), "test_cases": len(d.test),
-             "interactions": sum(len(s.item_ids) for s in d.train), "bad_rows": 0}
+    stats = {
+        "items": len(d.items),
+        "candidates": n_cand,
+        "train_users": len(d.train),
+        "valid_cases": len(d.valid),
+        "test_cases": len(d.test),
+        "interactions": sum(len(s.item_ids) for s in d.train),
+        "bad_rows": 0,
+    }
     source = "fkloo-restricted" if cfg.restrict_items else "fkloo"
-    return LoadedData(d, [str(i) for i in ext], [""] * len(d.items), source,
-                      h.hexdigest()[:16], stats)
+    return LoadedData(
+        d, [str(i) for i in ext], [""] * len(d.items), source, h.hexdigest()[:16], stats
+    )
 
 
 def load_data(cfg: DataConfig) -> LoadedData:
@@ -398,7 +430,8 @@ def load_data(cfg: DataConfig) -> LoadedData:
     else:
         assert cfg.normalized is not None
         cat, inter = normalized_paths(cfg.normalized)
-        out = load_files(cat, inter, cfg.skip_bad_rows, cfg.max_users,
-                         source=f"normalized:{cfg.normalized}")
+        out = load_files(
+            cat, inter, cfg.skip_bad_rows, cfg.max_users, source=f"normalized:{cfg.normalized}"
+        )
     log.info("data %s: %s", out.source, out.stats)
     return out

@@ -75,7 +75,9 @@ def make_examples(data: LoadedData, n_per_user: int, seed: int) -> list[Example]
         positions = {n - 1}
         extra = np.arange(1, n - 1)
         if extra.size and n_per_user > 1:
-            positions.update(rng.choice(extra, size=min(n_per_user - 1, extra.size), replace=False).tolist())
+            positions.update(
+                rng.choice(extra, size=min(n_per_user - 1, extra.size), replace=False).tolist()
+            )
         for t in sorted(positions):
             out.append(Example(s.item_ids[:t], s.item_ids[t], s.domains[t]))
     order = rng.permutation(len(out))
@@ -120,9 +122,18 @@ def build_candidates(
 class DualEncoder:
     """Text -> unit vectors with one backbone; optional item-ID residual."""
 
-    def __init__(self, model, tt: TextTokenizer, pooling: Pooling, data: LoadedData,  # type: ignore[no-untyped-def]
-                 template: Template, history_items: int, device: torch.device,
-                 residual: torch.nn.Embedding | None = None, seen: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        model,
+        tt: TextTokenizer,
+        pooling: Pooling,
+        data: LoadedData,  # type: ignore[no-untyped-def]
+        template: Template,
+        history_items: int,
+        device: torch.device,
+        residual: torch.nn.Embedding | None = None,
+        seen: torch.Tensor | None = None,
+    ) -> None:
         self.model, self.tt, self.pooling, self.data = model, tt, pooling, data
         self.template, self.history_items, self.device = template, history_items, device
         self.residual, self.seen = residual, seen
@@ -158,7 +169,9 @@ class DualEncoder:
 
     @torch.no_grad()
     def encode_items(self, ids: Sequence[int], batch: int = 64) -> np.ndarray:
-        return self._batched(list(ids), self.items, batch, key=lambda i: len(self.item_tokens([i])[0]))
+        return self._batched(
+            list(ids), self.items, batch, key=lambda i: len(self.item_tokens([i])[0])
+        )
 
     @torch.no_grad()
     def encode_users(self, histories: Sequence[Sequence[int]], batch: int = 32) -> np.ndarray:
@@ -190,8 +203,9 @@ def candidate_ids(data: LoadedData) -> np.ndarray:
     return np.concatenate([data.data.domain_items(d) for d in data.data.domains])
 
 
-def rank_cases(enc: DualEncoder, cases: Sequence[Case], batch: int = 64,
-               item_vecs: np.ndarray | None = None) -> tuple[list[list[int]], np.ndarray]:
+def rank_cases(
+    enc: DualEncoder, cases: Sequence[Case], batch: int = 64, item_vecs: np.ndarray | None = None
+) -> tuple[list[list[int]], np.ndarray]:
     """Top-50 lists for ``cases`` (and the [n_items, D] item matrix, reusable across splits)."""
     items = enc.data.data.items
     if item_vecs is None:
@@ -203,22 +217,40 @@ def rank_cases(enc: DualEncoder, cases: Sequence[Case], batch: int = 64,
     return rank_topk(users, item_vecs, cases, items), item_vecs
 
 
-def evaluate_cases(enc: DualEncoder, cases: Sequence[Case], split: str, name: str,
-                   batch: int = 64, item_vecs: np.ndarray | None = None) -> tuple[dict, list[list[int]], np.ndarray]:
+def evaluate_cases(
+    enc: DualEncoder,
+    cases: Sequence[Case],
+    split: str,
+    name: str,
+    batch: int = 64,
+    item_vecs: np.ndarray | None = None,
+) -> tuple[dict, list[list[int]], np.ndarray]:
     ranked, item_vecs = rank_cases(enc, cases, batch, item_vecs)
-    return compute_metrics(ranked, cases, enc.data.data.items, name=name, split=split), ranked, item_vecs
+    return (
+        compute_metrics(ranked, cases, enc.data.data.items, name=name, split=split),
+        ranked,
+        item_vecs,
+    )
 
 
-def load_dual_encoder(model_dir: Path, data: LoadedData, cfg: TrainConfig,
-                      device: torch.device | None = None, residual_path: Path | None = None) -> DualEncoder:
+def load_dual_encoder(
+    model_dir: Path,
+    data: LoadedData,
+    cfg: TrainConfig,
+    device: torch.device | None = None,
+    residual_path: Path | None = None,
+) -> DualEncoder:
     """A saved (merged) model as a frozen dual encoder, for evaluation."""
     from transformers import AutoModel
 
     from cprec.lm import load_tokenizer, resolve_device
 
     device = device or resolve_device(cfg.model.device)
-    model = AutoModel.from_pretrained(model_dir, config=plain_config(model_dir),
-                                      dtype=torch.float32).to(device).eval()
+    model = (
+        AutoModel.from_pretrained(model_dir, config=plain_config(model_dir), dtype=torch.float32)
+        .to(device)
+        .eval()
+    )
     is_dec = is_decoder_config(model.config)
     tt = TextTokenizer(load_tokenizer(model_dir), cfg.model.max_length, is_dec)
     residual = seen = None
@@ -228,8 +260,17 @@ def load_dual_encoder(model_dir: Path, data: LoadedData, cfg: TrainConfig,
         st = load_file(str(residual_path))
         residual = torch.nn.Embedding.from_pretrained(st["residual"].to(device), freeze=True)
         seen = st["seen"].to(device)
-    return DualEncoder(model, tt, "last" if is_dec else "mean", data, cfg.template,
-                       cfg.finetune.history_items, device, residual, seen)
+    return DualEncoder(
+        model,
+        tt,
+        "last" if is_dec else "mean",
+        data,
+        cfg.template,
+        cfg.finetune.history_items,
+        device,
+        residual,
+        seen,
+    )
 
 
 def run_finetune(cfg: TrainConfig, base_dir: Path, data: LoadedData, out_dir: Path) -> StageResult:
@@ -272,17 +313,27 @@ def run_finetune(cfg: TrainConfig, base_dir: Path, data: LoadedData, out_dir: Pa
     else:
         model, opt = acc.prepare(model, opt)
     tt = TextTokenizer(tok, cfg.model.max_length, is_dec)
-    enc = DualEncoder(model, tt, pooling, data, cfg.template, f.history_items, device, residual, seen)
-    log.info("finetune: %s, pooling=%s, %d / %d trainable parameters%s", base_dir, pooling,
-             n_train, n_total, " + item-ID residual" if residual is not None else "")
+    enc = DualEncoder(
+        model, tt, pooling, data, cfg.template, f.history_items, device, residual, seen
+    )
+    log.info(
+        "finetune: %s, pooling=%s, %d / %d trainable parameters%s",
+        base_dir,
+        pooling,
+        n_train,
+        n_total,
+        " + item-ID residual" if residual is not None else "",
+    )
 
     examples = make_examples(data, f.samples_per_user, f.seed)
     if not examples:
         raise ValueError("finetune: no training example (every training sequence has < 2 items)")
     dom_pool = {d: data.data.domain_items(d) for d in data.data.domains}
-    valid = list(data.data.valid)
+    valid = list(data.data.valid) if f.early_stopping else []
     if f.eval_cases is not None and len(valid) > f.eval_cases:
-        pick = np.sort(np.random.default_rng(f.seed).choice(len(valid), f.eval_cases, replace=False))
+        pick = np.sort(
+            np.random.default_rng(f.seed).choice(len(valid), f.eval_cases, replace=False)
+        )
         valid = [valid[i] for i in pick]
 
     rows: list[dict] = []
@@ -320,9 +371,14 @@ def run_finetune(cfg: TrainConfig, base_dir: Path, data: LoadedData, out_dir: Pa
         row: dict = {}
         if (step + 1) % f.log_every == 0 or (step + 1) % f.eval_every == 0 or step + 1 == f.steps:
             now = time.perf_counter()
-            row = {"step": step + 1, "loss": round(float(np.mean(window_loss)), 5), "lr": lr,
-                   "tokens": tokens, "tokens_per_s": round(window_tokens / (now - window_t), 1),
-                   "valid_ndcg10": ""}
+            row = {
+                "step": step + 1,
+                "loss": round(float(np.mean(window_loss)), 5),
+                "lr": lr,
+                "tokens": tokens,
+                "tokens_per_s": round(window_tokens / (now - window_t), 1),
+                "valid_ndcg10": "",
+            }
             window_loss, window_tokens, window_t = [], 0, now
         if valid and ((step + 1) % f.eval_every == 0 or step + 1 == f.steps):
             m, _, _ = evaluate_cases(enc, valid, "valid", "finetune", cfg.evaluate.batch_size)
@@ -338,8 +394,12 @@ def run_finetune(cfg: TrainConfig, base_dir: Path, data: LoadedData, out_dir: Pa
             if bad_evals >= f.patience:
                 rows.append(row)
                 stopped_early = True
-                log.info("finetune: early stop at step %d (best NDCG@10 %.4f at %d)",
-                         step + 1, best, best_step)
+                log.info(
+                    "finetune: early stop at step %d (best NDCG@10 %.4f at %d)",
+                    step + 1,
+                    best,
+                    best_step,
+                )
                 break
         if row:
             rows.append(row)
@@ -353,23 +413,44 @@ def run_finetune(cfg: TrainConfig, base_dir: Path, data: LoadedData, out_dir: Pa
     if residual is not None:
         from safetensors.torch import save_file
 
-        save_file({"residual": acc.unwrap_model(residual).weight.detach().cpu().contiguous(),
-                   "seen": seen.detach().cpu()},  # type: ignore[union-attr]
-                  str(out_dir / RESIDUAL_FILE))
-    summary = {"steps_run": rows[-1]["step"] if rows else 0, "steps": f.steps,
-               "stopped_early": stopped_early, "best_valid_ndcg10": best if best >= 0 else None,
-               "best_step": best_step, "valid_cases": len(valid), "examples": len(examples),
-               "trainable_params": n_train, "total_params": n_total, "tokens": tokens,
-               "seconds": round(elapsed, 1), "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1),
-               "first_loss": rows[0]["loss"] if rows else None,
-               "final_loss": rows[-1]["loss"] if rows else None,
-               "item_id_residual": residual is not None, "pooling": pooling, "is_decoder": is_dec}
+        save_file(
+            {
+                "residual": acc.unwrap_model(residual).weight.detach().cpu().contiguous(),
+                "seen": seen.detach().cpu(),
+            },  # type: ignore[union-attr]
+            str(out_dir / RESIDUAL_FILE),
+        )
+    summary = {
+        "steps_run": rows[-1]["step"] if rows else 0,
+        "steps": f.steps,
+        "stopped_early": stopped_early,
+        "best_valid_ndcg10": best if best >= 0 else None,
+        "best_step": best_step,
+        "valid_cases": len(valid),
+        "examples": len(examples),
+        "trainable_params": n_train,
+        "total_params": n_total,
+        "tokens": tokens,
+        "seconds": round(elapsed, 1),
+        "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1),
+        "first_loss": rows[0]["loss"] if rows else None,
+        "final_loss": rows[-1]["loss"] if rows else None,
+        "item_id_residual": residual is not None,
+        "pooling": pooling,
+        "is_decoder": is_dec,
+    }
     write_log(rows, out_dir / "log.csv")
     plot_curves(rows, out_dir / "curves.png", "fine-tuning", extra="valid_ndcg10")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    log.info("finetune: %d steps in %.1fs (%.0f tokens/s), loss %s -> %s, best valid NDCG@10 %s",
-             summary["steps_run"], elapsed, summary["tokens_per_s"], summary["first_loss"],
-             summary["final_loss"], summary["best_valid_ndcg10"])
+    log.info(
+        "finetune: %d steps in %.1fs (%.0f tokens/s), loss %s -> %s, best valid NDCG@10 %s",
+        summary["steps_run"],
+        elapsed,
+        summary["tokens_per_s"],
+        summary["first_loss"],
+        summary["final_loss"],
+        summary["best_valid_ndcg10"],
+    )
     return StageResult(model_dir, summary)
 
 

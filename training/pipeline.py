@@ -6,7 +6,7 @@ For the quality benchmark (``bench/quality.py``)::
 
     from training.pipeline import SYSTEMS, run_system
     res = run_system("cprec", cfg, data)      # cfg: TrainConfig, data: training.data.LoadedData
-    res.ranked["test"]                        # list[list[int]], one 50-id list per data.data.test case
+    res.ranked["test"]                        # list[list[int]]: 50 ids per data.data.test case
     res.metrics["test"]                       # training.evaluate.compute_metrics(...) output
     res.stages["cpt"]["tokens_per_s"]         # throughput per stage (cpt is {} when skipped)
 
@@ -112,16 +112,24 @@ def base_dir(cfg: TrainConfig) -> Path:
         return bundled_dir(cfg.model.base, cfg.publish.resolved_store())
     p = Path(cfg.model.base)
     if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"model.base {cfg.model.base!r} is neither a bundled name "
-                                f"({sorted(BUNDLED)}) nor a local HF folder with config.json")
+        raise FileNotFoundError(
+            f"model.base {cfg.model.base!r} is neither a bundled name "
+            f"({sorted(BUNDLED)}) nor a local HF folder with config.json"
+        )
     return p
 
 
 def cpt_dir(cfg: TrainConfig) -> Path:
     """CPT output keyed by what determines it, shared by systems with the same CPT."""
-    key = stage_key({"cpt": cfg.cpt.model_dump(mode="json"), "corpus": cfg.corpus.model_dump(mode="json"),
-                     "model": cfg.model.model_dump(mode="json"), "template": cfg.template.model_dump(),
-                     "data": cfg.data.model_dump(mode="json")})
+    key = stage_key(
+        {
+            "cpt": cfg.cpt.model_dump(mode="json"),
+            "corpus": cfg.corpus.model_dump(mode="json"),
+            "model": cfg.model.model_dump(mode="json"),
+            "template": cfg.template.model_dump(),
+            "data": cfg.data.model_dump(mode="json"),
+        }
+    )
     return cfg.output_dir.parent / "_cpt" / key if cfg.name in SYSTEMS else cfg.output_dir / "cpt"
 
 
@@ -154,7 +162,9 @@ def stage_finetune(cfg: TrainConfig, data: LoadedData, start: Path) -> tuple[Pat
 
 
 def stage_evaluate(
-    cfg: TrainConfig, data: LoadedData, model_dir: Path,
+    cfg: TrainConfig,
+    data: LoadedData,
+    model_dir: Path,
     cases: dict[str, Sequence[Case]] | None = None,
 ) -> tuple[dict[str, Any], dict[str, list[list[int]]]]:
     """Metrics JSON and top-50 JSONL (gz) per split under ``output_dir/eval``."""
@@ -170,16 +180,27 @@ def stage_evaluate(
         if cfg.evaluate.max_cases is not None:
             cs = cs[: cfg.evaluate.max_cases]
         t0 = time.perf_counter()
-        m, r, item_vecs = evaluate_cases(enc, cs, split, cfg.name, cfg.evaluate.batch_size, item_vecs)
+        m, r, item_vecs = evaluate_cases(
+            enc, cs, split, cfg.name, cfg.evaluate.batch_size, item_vecs
+        )
         m["seconds"] = round(time.perf_counter() - t0, 1)
         metrics[split], ranked[split] = m, r
         (out / f"{split}.metrics.json").write_text(json.dumps(m, indent=2), encoding="utf-8")
-        ext = [[int(data.external_ids[i]) for i in lst] for lst in r] if data.source.startswith(
-            "fkloo") else r  # FK-LOO ids for the shared scorer; internal ids otherwise
+        ext = (
+            [[int(data.external_ids[i]) for i in lst] for lst in r]
+            if data.source.startswith("fkloo")
+            else r
+        )  # FK-LOO ids for the shared scorer; internal ids otherwise
         write_topk_jsonl(out / f"{split}.jsonl.gz", cs, ext)
         om = m["metrics"]["overall_micro"]
-        log.info("evaluate %s: %d cases, NDCG@10 %.4f, Recall@10 %.4f (%.1fs)", split, len(cs),
-                 om["NDCG@10"], om["Recall@10"], m["seconds"])
+        log.info(
+            "evaluate %s: %d cases, NDCG@10 %.4f, Recall@10 %.4f (%.1fs)",
+            split,
+            len(cs),
+            om["NDCG@10"],
+            om["Recall@10"],
+            m["seconds"],
+        )
     (out / "metrics.md").write_text(metrics_table(metrics) + "\n", encoding="utf-8")
     return metrics, ranked
 
@@ -192,22 +213,34 @@ def write_catalog(data: LoadedData, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as fh:
         for it in data.data.items:
-            row: dict[str, Any] = {"item_id": data.external_ids[it.item_id], "domain": it.domain,
-                                   "title": it.title, "popularity": pop.get(it.item_id, 0)}
+            row: dict[str, Any] = {
+                "item_id": data.external_ids[it.item_id],
+                "domain": it.domain,
+                "title": it.title,
+                "popularity": pop.get(it.item_id, 0),
+            }
             if data.extra_text[it.item_id]:
                 row["extra_text"] = data.extra_text[it.item_id]
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
 
 
-def stage_publish(cfg: TrainConfig, data: LoadedData, model_dir: Path, metrics: dict[str, Any],
-                  stages: dict[str, Any]):  # type: ignore[no-untyped-def]
+def stage_publish(
+    cfg: TrainConfig,
+    data: LoadedData,
+    model_dir: Path,
+    metrics: dict[str, Any],
+    stages: dict[str, Any],
+):  # type: ignore[no-untyped-def]
     ft = cfg.output_dir / "finetune"
     cp = cpt_dir(cfg)
     extra = {"curves/finetune.png": ft / "curves.png", "logs/finetune.csv": ft / "log.csv"}
     if cfg.cpt.enabled:
-        extra |= {"curves/cpt.png": cp / "curves.png", "logs/cpt.csv": cp / "log.csv",
-                  "logs/corpus_stats.json": cp / "corpus" / "corpus_stats.json"}
+        extra |= {
+            "curves/cpt.png": cp / "curves.png",
+            "logs/cpt.csv": cp / "log.csv",
+            "logs/corpus_stats.json": cp / "corpus" / "corpus_stats.json",
+        }
     mpath = cfg.output_dir / "eval" / "metrics.json"
     mpath.parent.mkdir(parents=True, exist_ok=True)
     mpath.write_text(json.dumps(metrics, indent=2), encoding="utf-8")
@@ -219,8 +252,11 @@ def stage_publish(cfg: TrainConfig, data: LoadedData, model_dir: Path, metrics: 
 
 
 def run_system(
-    name: str, cfg: TrainConfig, data: LoadedData | None = None,
-    cases: dict[str, Sequence[Case]] | None = None, publish: bool = False,
+    name: str,
+    cfg: TrainConfig,
+    data: LoadedData | None = None,
+    cases: dict[str, Sequence[Case]] | None = None,
+    publish: bool = False,
 ) -> SystemResult:
     """Train and evaluate one benchmark row (see the module docstring)."""
     c = system_config(name, cfg)
@@ -229,7 +265,8 @@ def run_system(
 
 
 def run_pipeline(
-    cfg: TrainConfig, data: LoadedData | None = None,
+    cfg: TrainConfig,
+    data: LoadedData | None = None,
     cases: dict[str, Sequence[Case]] | None = None,
 ) -> SystemResult:
     setup(cfg)
@@ -252,18 +289,28 @@ def run_pipeline(
         art = stage_publish(cfg, data, model_dir, metrics, stages)
         version = art.version
     stages["total_seconds"] = round(time.perf_counter() - t0, 1)
-    summary = {"name": cfg.name, "model_dir": str(model_dir), "version": version,
-               "stages": stages,
-               "metrics": {s: m["metrics"]["overall_micro"] for s, m in metrics.items()}}
+    summary = {
+        "name": cfg.name,
+        "model_dir": str(model_dir),
+        "version": version,
+        "stages": stages,
+        "metrics": {s: m["metrics"]["overall_micro"] for s, m in metrics.items()},
+    }
     (cfg.output_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     print(f"\n{cfg.name}: metrics\n" + metrics_table(metrics), flush=True)
     for st in ("cpt", "finetune"):
         if stages.get(st):
             s = stages[st]
-            print(f"{st}: {s.get('steps_run', s.get('steps'))} steps, {s['tokens']} tokens, "
-                  f"{s['seconds']}s, {s['tokens_per_s']} tokens/s", flush=True)
+            print(
+                f"{st}: {s.get('steps_run', s.get('steps'))} steps, {s['tokens']} tokens, "
+                f"{s['seconds']}s, {s['tokens_per_s']} tokens/s",
+                flush=True,
+            )
     if version:
-        print(f"published {version} to {cfg.publish.resolved_store()} "
-              f"(catalogue for the service: {cfg.output_dir / 'catalog.jsonl'})", flush=True)
+        print(
+            f"published {version} to {cfg.publish.resolved_store()} "
+            f"(catalogue for the service: {cfg.output_dir / 'catalog.jsonl'})",
+            flush=True,
+        )
     print(f"total {stages['total_seconds']}s", flush=True)
     return SystemResult(cfg.name, model_dir, ranked, metrics, stages, version)

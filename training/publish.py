@@ -39,9 +39,10 @@ def metrics_table(metrics: dict[str, Any]) -> str:
 
 def compact_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     """split -> domain -> metric, without the name/list_length wrappers (manifest-sized)."""
-    return {split: {dom: {k: v for k, v in vals.items()}
-                    for dom, vals in m.get("metrics", m).items()}
-            for split, m in metrics.items()}
+    return {
+        split: {dom: {k: v for k, v in vals.items()} for dom, vals in m.get("metrics", m).items()}
+        for split, m in metrics.items()
+    }
 
 
 def publish_model(
@@ -75,8 +76,17 @@ def publish_model(
         data_hash=data_hash,
         metrics={"eval": compact_metrics(metrics), "training": _training_numbers(stages)},
     )
-    card = ["## Evaluation", "", metrics_table(metrics) if metrics else "(not evaluated)", "",
-            "## Training", "", "```json", json.dumps(_training_numbers(stages), indent=2), "```"]
+    card = [
+        "## Evaluation",
+        "",
+        metrics_table(metrics) if metrics else "(not evaluated)",
+        "",
+        "## Training",
+        "",
+        "```json",
+        json.dumps(_training_numbers(stages), indent=2),
+        "```",
+    ]
     files = dict(extra_files or {})
     if "curves/cpt.png" in files:
         card += ["", "![CPT loss and LR](curves/cpt.png)"]
@@ -84,13 +94,26 @@ def publish_model(
         card += ["", "![fine-tuning loss, LR, valid NDCG@10](curves/finetune.png)"]
     files = {k: v for k, v in files.items() if Path(v).is_file()}
     # Only serving files go in: weights, config, tokenizer (no optimizer state, no residual).
-    art = store.publish(model_dir, manifest, aliases=aliases, card_extra="\n".join(card),
-                        extra_files=files)
+    art = store.publish(
+        model_dir, manifest, aliases=aliases, card_extra="\n".join(card), extra_files=files
+    )
     log.info("published %s to %s (aliases %s)", art.version, store.root, ", ".join(aliases))
     return art
 
 
 def _training_numbers(stages: dict[str, Any]) -> dict[str, Any]:
-    keep = ("steps", "steps_run", "tokens", "seconds", "tokens_per_s", "first_loss", "final_loss",
-            "best_valid_ndcg10", "best_step", "stopped_early", "trainable_params", "total_params")
+    keep = (
+        "steps",
+        "steps_run",
+        "tokens",
+        "seconds",
+        "tokens_per_s",
+        "first_loss",
+        "final_loss",
+        "best_valid_ndcg10",
+        "best_step",
+        "stopped_early",
+        "trainable_params",
+        "total_params",
+    )
     return {name: {k: s[k] for k in keep if k in s} for name, s in stages.items() if s}

@@ -42,7 +42,9 @@ def wsa_lambda(
     if total_steps < 1:
         raise ValueError("total_steps must be >= 1")
     if not (0 <= warmup_frac < 1 and 0 <= anneal_frac <= 1 and warmup_frac + anneal_frac <= 1):
-        raise ValueError("need 0 <= warmup_frac, 0 <= anneal_frac and warmup_frac + anneal_frac <= 1")
+        raise ValueError(
+            "need 0 <= warmup_frac, 0 <= anneal_frac and warmup_frac + anneal_frac <= 1"
+        )
     if not 0 < min_ratio <= 1:
         raise ValueError("min_ratio must be in (0, 1]")
     warmup = int(round(warmup_frac * total_steps))
@@ -115,7 +117,8 @@ def make_scheduler(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """The optimizer's LR becomes ``peak * lambda(step)``; call ``.step()`` once per update."""
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, make_lambda(kind, total_steps, **kw)  # type: ignore[arg-type]
+        optimizer,
+        make_lambda(kind, total_steps, **kw),  # type: ignore[arg-type]
     )
 
 

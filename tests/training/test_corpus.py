@@ -17,7 +17,9 @@ def test_both_kinds_in_time_order():
     data, chunks, stats = _build(mixed_ratio=0.5)
     kinds = {c.kind for c in chunks}
     assert kinds == {"domain", "mixed"}
-    assert stats["by_kind"]["domain"]["sequences"] > 0 and stats["by_kind"]["mixed"]["sequences"] > 0
+    assert (
+        stats["by_kind"]["domain"]["sequences"] > 0 and stats["by_kind"]["mixed"]["sequences"] > 0
+    )
     train = {s.user_id: s for s in data.data.train}
     items = data.data.items
     for c in chunks:
@@ -30,7 +32,8 @@ def test_both_kinds_in_time_order():
         # the text is the template rendering, oldest first
         assert c.text == T.render_sequence(
             __import__("cprec.text").text.Behaviour(items[i].domain, items[i].title)
-            for i in c.item_ids)
+            for i in c.item_ids
+        )
 
 
 def test_no_target_leakage():

@@ -15,15 +15,23 @@ def llama(tmp_path_factory):
 def _corpus(cfg, base):
     from transformers import AutoTokenizer
 
-    return build_corpus(toy_data(), cfg.template, cfg.corpus,
-                        hf_token_counter(AutoTokenizer.from_pretrained(base)))[0]
+    return build_corpus(
+        toy_data(), cfg.template, cfg.corpus, hf_token_counter(AutoTokenizer.from_pretrained(base))
+    )[0]
 
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_loss_decreases(tmp_path, llama, lora):
-    cfg = tiny_config(tmp_path, llama, "cpt.steps=30", "cpt.lr=1.0e-2",
-                      f"cpt.lora.enabled={str(lora).lower()}", "cpt.lora.r=8",
-                      "cpt.log_every=5", "cpt.checkpoint_every=100")
+    cfg = tiny_config(
+        tmp_path,
+        llama,
+        "cpt.steps=30",
+        "cpt.lr=1.0e-2",
+        f"cpt.lora.enabled={str(lora).lower()}",
+        "cpt.lora.r=8",
+        "cpt.log_every=5",
+        "cpt.checkpoint_every=100",
+    )
     chunks = _corpus(cfg, llama)
     res = run_cpt(cfg, llama, chunks, tmp_path / "cpt")
     s = res.summary
@@ -39,21 +47,35 @@ def test_loss_decreases(tmp_path, llama, lora):
         assert s["trainable_params"] < s["total_params"] / 2
 
 
-def test_resume_and_anneal_mix(tmp_path, llama):
-    cfg = tiny_config(tmp_path, llama, "cpt.steps=6", "cpt.checkpoint_every=3",
-                      "cpt.anneal_domains=[Food]")
+def test_resume_replays_the_same_run(tmp_path, llama, monkeypatch):
+    import training.cpt as cpt_mod
+
+    cfg = tiny_config(
+        tmp_path, llama, "cpt.steps=6", "cpt.checkpoint_every=3", "cpt.anneal_domains=[Food]"
+    )
     chunks = _corpus(cfg, llama)
-    out = tmp_path / "cpt"
-    first = run_cpt(cfg, llama, chunks, out)
-    assert first.summary["resumed_from"] == 0
-    # a finished run with the same config is reused
-    assert run_cpt(cfg, llama, chunks, out).summary == first.summary
-    # an interrupted run (no summary) continues from its last checkpoint
-    (out / "summary.json").unlink()
-    state = json.loads((out / "checkpoint" / "state.json").read_text())
-    assert state["step"] == 6
-    again = run_cpt(cfg, llama, chunks, out)
-    assert again.summary["resumed_from"] == 6
+    straight = run_cpt(cfg, llama, chunks, tmp_path / "a")
+    assert straight.summary["resumed_from"] == 0
+    # a finished run with the same config is reused, not retrained
+    assert run_cpt(cfg, llama, chunks, tmp_path / "a").summary == straight.summary
+
+    real_save = cpt_mod._save_checkpoint
+
+    def save_then_crash(*args, **kw):
+        real_save(*args, **kw)
+        raise KeyboardInterrupt  # killed right after the step-3 checkpoint
+
+    monkeypatch.setattr(cpt_mod, "_save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_cpt(cfg, llama, chunks, tmp_path / "b")
+    monkeypatch.setattr(cpt_mod, "_save_checkpoint", real_save)
+    assert json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())["step"] == 3
+    resumed = run_cpt(cfg, llama, chunks, tmp_path / "b")
+    assert resumed.summary["resumed_from"] == 3
+    a = (tmp_path / "a" / "log.csv").read_text().splitlines()
+    b = (tmp_path / "b" / "log.csv").read_text().splitlines()
+    loss = lambda rows: [float(r.split(",")[1]) for r in rows[1:]]  # noqa: E731
+    assert loss(a) == pytest.approx(loss(b), rel=1e-4)  # same batches, same updates
 
 
 def test_encoder_refused(tmp_path):

@@ -38,9 +38,17 @@ def test_examples_use_train_only():
 
 @pytest.mark.parametrize("arch", ["llama", "bert"])
 def test_loss_decreases(tmp_path, models, arch):
-    cfg = tiny_config(tmp_path, models[arch], "finetune.steps=24", "finetune.lr=5.0e-3",
-                      "finetune.lora.enabled=false", "finetune.eval_every=12",
-                      "finetune.log_every=4", "finetune.batch_size=12", "cpt.enabled=false")
+    cfg = tiny_config(
+        tmp_path,
+        models[arch],
+        "finetune.steps=24",
+        "finetune.lr=5.0e-3",
+        "finetune.lora.enabled=false",
+        "finetune.eval_every=12",
+        "finetune.log_every=4",
+        "finetune.batch_size=12",
+        "cpt.enabled=false",
+    )
     res = run_finetune(cfg, models[arch], toy_data(), tmp_path / "ft")
     s = res.summary
     assert s["final_loss"] < s["first_loss"], s
@@ -49,8 +57,13 @@ def test_loss_decreases(tmp_path, models, arch):
 
 
 def test_lora_and_item_residual(tmp_path, models):
-    cfg = tiny_config(tmp_path, models["llama"], "finetune.steps=6",
-                      "finetune.item_id_residual=true", "finetune.eval_every=3")
+    cfg = tiny_config(
+        tmp_path,
+        models["llama"],
+        "finetune.steps=6",
+        "finetune.item_id_residual=true",
+        "finetune.eval_every=3",
+    )
     res = run_finetune(cfg, models["llama"], toy_data(), tmp_path / "ft")
     assert res.summary["item_id_residual"] is True
     assert (tmp_path / "ft" / "item_residual.safetensors").is_file()

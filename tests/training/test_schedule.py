@@ -45,8 +45,9 @@ def test_cosine_ablation_decays_from_warmup_end():
 def test_lambdalr_drives_optimizer():
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=2.0)
-    sch = make_scheduler(opt, "wsa", 10, warmup_frac=0.2, anneal_frac=0.2, min_ratio=0.5,
-                         shape="linear")
+    sch = make_scheduler(
+        opt, "wsa", 10, warmup_frac=0.2, anneal_frac=0.2, min_ratio=0.5, shape="linear"
+    )
     seen = []
     for _ in range(10):
         seen.append(opt.param_groups[0]["lr"])

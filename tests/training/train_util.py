@@ -9,17 +9,25 @@ import numpy as np
 
 from training.config import TrainConfig, load_config
 from training.data import LoadedData
-from training.fkloo import FKLOO, FKItem, TrainSeq, Case
+from training.fkloo import FKLOO, Case, FKItem, TrainSeq
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_CONFIG = REPO / "configs" / "tiny-test.yaml"
 
 # Each domain has 4 "taste" clusters; a title is cluster words + a serial word, so titles are
 # unique and users who stay inside a cluster give a learnable signal.
-FOOD = [["coffee", "roast", "beans"], ["tea", "green", "leaf"], ["honey", "raw", "jar"],
-        ["oat", "milk", "carton"]]
-KITCHEN = [["pan", "steel", "skillet"], ["knife", "chef", "blade"], ["mug", "ceramic", "cup"],
-           ["kettle", "electric", "boil"]]
+FOOD = [
+    ["coffee", "roast", "beans"],
+    ["tea", "green", "leaf"],
+    ["honey", "raw", "jar"],
+    ["oat", "milk", "carton"],
+]
+KITCHEN = [
+    ["pan", "steel", "skillet"],
+    ["knife", "chef", "blade"],
+    ["mug", "ceramic", "cup"],
+    ["kettle", "electric", "boil"],
+]
 SERIAL = [f"n{i}" for i in range(40)]
 
 
@@ -56,8 +64,14 @@ def toy_data(n_users: int = 24, seed: int = 0, per_cluster: int = 16) -> LoadedD
         valid.append(Case(uid, seq[:-2], seq[-2], doms[-2]))
         test.append(Case(uid, seq[:-1], seq[-1], doms[-1]))
     data = FKLOO(items=items, train=train, valid=valid, test=test, root=Path("."))
-    return LoadedData(data, [str(it.item_id) for it in items], [""] * len(items), "toy",
-                      "toyhash", {"users": len(train)})
+    return LoadedData(
+        data,
+        [str(it.item_id) for it in items],
+        [""] * len(items),
+        "toy",
+        "toyhash",
+        {"users": len(train)},
+    )
 
 
 def vocab_words() -> list[str]:
@@ -77,12 +91,21 @@ def build_tiny_llama(out: Path) -> Path:
         vocab.setdefault(w, len(vocab))
     raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", eos_token="</s>",
-                                  pad_token="<pad>")
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=128, eos_token_id=1, pad_token_id=2,
-                      bos_token_id=None)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=raw, unk_token="<unk>", eos_token="</s>", pad_token="<pad>"
+    )
+    cfg = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        eos_token_id=1,
+        pad_token_id=2,
+        bos_token_id=None,
+    )
     out.mkdir(parents=True, exist_ok=True)
     LlamaForCausalLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)
@@ -98,8 +121,14 @@ def build_tiny_bert(out: Path) -> Path:
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(bundled_dir("minilm-l6", out.parent))
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
-                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
     out.mkdir(parents=True, exist_ok=True)
     BertModel(cfg).save_pretrained(out)
     tok.save_pretrained(out)
@@ -107,6 +136,13 @@ def build_tiny_bert(out: Path) -> Path:
 
 
 def tiny_config(tmp: Path, base: Path, *overrides: str, **raw: Any) -> TrainConfig:
-    cfg = load_config(TINY_CONFIG, [f"model.base={base}", f"output_dir={tmp / 'run'}",
-                                    f"publish.store_dir={tmp / 'store'}", *overrides])
+    cfg = load_config(
+        TINY_CONFIG,
+        [
+            f"model.base={base}",
+            f"output_dir={tmp / 'run'}",
+            f"publish.store_dir={tmp / 'store'}",
+            *overrides,
+        ],
+    )
     return cfg
