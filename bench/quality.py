@@ -78,6 +78,11 @@ BASELINES = ["pop", "zeroshot-minilm", "zeroshot-smollm2", "sasrec"]
 PIPELINE_SYSTEMS = ["finetune-only", "cprec", "cprec-cosine", "cprec-domain-only"]
 ALL_SYSTEMS = BASELINES + PIPELINE_SYSTEMS
 DEFAULT_SYSTEMS = {"budget": ["pop", "zeroshot-minilm", "sasrec"], "full": ALL_SYSTEMS}
+SKIP_REASON = {
+    ("budget", "zeroshot-smollm2"): "not in budget mode: a 135M decoder over the 36,298 item "
+    "titles (~0.9M tokens) takes far more than 30 min on 2 CPU cores (28 tok/s measured on the "
+    "shared machine); run `--full --systems zeroshot-smollm2`, ideally on a GPU",
+}
 ZEROSHOT = {"zeroshot-minilm": "minilm-l6", "zeroshot-smollm2": "smollm2-135m"}
 
 ROW_LABELS = {
@@ -445,7 +450,7 @@ def table_rows(run: dict[str, Any], anchors: dict[str, Any]) -> list[list[str]]:
     for name in run["order"]:
         r = run["rows"][name]
         if r.get("status") != "ok":
-            rows.append([name, r.get("status", "?") + ": " + r.get("reason", ""), *[""] * 10])
+            rows.append([name, r.get("status", "?"), *["-"] * 10])
             continue
         m = r["test_cmp"]
         full = r.get("test_full", {}).get("overall_micro", {}).get("NDCG@10")
@@ -490,7 +495,12 @@ def print_table(mode: str, run: dict[str, Any], anchors: dict[str, Any]) -> None
         t.add_column(h, justify="left" if h == "system" else "right", overflow="fold")
     for r in table_rows(run, anchors):
         t.add_row(*r)
-    Console(width=200).print(t)
+    con = Console(width=200)
+    con.print(t)
+    for name in run["order"]:
+        r = run["rows"][name]
+        if r.get("status") != "ok":
+            con.print(f"  {name}: {r.get('status')}: {r.get('reason', '')}", highlight=False)
 
 
 def markdown(q: dict[str, Any]) -> str:
@@ -512,20 +522,27 @@ def markdown(q: dict[str, Any]) -> str:
         if not run:
             continue
         dev = run.get("device", {})
+        invs = run.get("invocations") or [run]
         lines += [
             f"### {mode} mode",
             "",
-            f"`{run['command']}` — {run['created_at']}, {run['wall_s']:.0f} s, "
             f"{dev.get('cpu', '?')} ({dev.get('cpu_count', '?')} cores, "
-            f"GPU: {dev.get('cuda') or 'none'}, load average at start "
-            f"{round(dev.get('loadavg_at_start') or 0, 1)}). Comparison set: {run['cmp_desc']}.",
+            f"GPU: {dev.get('cuda') or 'none'}, load average at the last start "
+            f"{round(dev.get('loadavg_at_start') or 0, 1)}). Comparison set: {run['cmp_desc']}. "
+            "Rows come from these invocations: "
+            + "; ".join(f"`{i['command']}` ({i['created_at']}, {i['wall_s']:.0f} s)" for i in invs)
+            + ".",
             "",
         ]
         lines.append("| " + " | ".join(HEADERS) + " |")
         lines.append("|" + "|".join(["---"] + ["---:"] * (len(HEADERS) - 1)) + "|")
         for r in table_rows(run, q.get("anchors", {}).get(mode, {})):
             lines.append("| " + " | ".join(r) + " |")
-        notes = []
+        notes = [
+            f"- `{name}`: {run['rows'][name]['status']}: {run['rows'][name].get('reason', '')}"
+            for name in run["order"]
+            if run["rows"][name].get("status") != "ok"
+        ]
         for name in run["order"]:
             r = run["rows"][name]
             if r.get("status") == "ok" and r.get("stages"):
@@ -534,6 +551,13 @@ def markdown(q: dict[str, Any]) -> str:
                     + (f", {s['tokens_per_s']} tok/s" if "tokens_per_s" in s else "")
                     + (f", {s['pairs_per_s']} pairs/s" if "pairs_per_s" in s else "")
                     + (", from cache" if s.get("from_cache") else "")
+                    + (
+                        " (encoded {created_at}: {wall_s} s, {tokens_per_s} tok/s)".format(
+                            **s["cached_run"]
+                        )
+                        if s.get("cached_run")
+                        else ""
+                    )
                     for s in r["stages"]
                     if isinstance(s, dict) and "stage" in s
                 )
@@ -546,7 +570,7 @@ def markdown(q: dict[str, Any]) -> str:
                     f"(max |diff| {sc.get('max_abs_diff', 'n/a')})"
                 )
         if notes:
-            lines += ["", "Stages and checks:", *notes]
+            lines += ["", "Per row (status, stages, scorer checks):", *notes]
         anchors = q.get("anchors", {}).get(mode, {})
         if anchors:
             lines += [
@@ -686,7 +710,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows[s] = (
             unavailable(s, mode, "not available", why)
             if why
-            else unavailable(s, mode, "not run", f"not run in {mode} mode; add --systems {s}")
+            else unavailable(s, mode, "not run", SKIP_REASON.get((mode, s), f"add --systems {s}"))
         )
     order = [k for s in ALL_SYSTEMS for k in (s, f"{s}-mean10dom") if k in rows]
     invocations = (prev.get("invocations", []) if same else [])[-9:] + [

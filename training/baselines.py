@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -175,7 +176,25 @@ def item_vectors(
         tmp = path.with_name(path.stem + ".tmp.npy")
         np.save(tmp, vecs)
         tmp.replace(path)
+        # How the cached vectors were made, so a later run that reuses them can still report
+        # the encoding cost.
+        meta = {**stats.as_dict(), "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return vecs, False
+
+
+def cached_item_stats(
+    encoder,
+    items: Sequence[FKItem],
+    template: Template,  # type: ignore[no-untyped-def]
+    cache_dir: Path,
+    max_length: int,
+) -> dict[str, Any] | None:
+    """The encoding stats saved beside cached item vectors (None when absent)."""
+    dtype = str(getattr(encoder, "dtype", "na")).removeprefix("torch.")
+    key = _items_key(encoder.name, items, template, max_length, dtype)
+    meta = Path(cache_dir) / "item_vectors" / f"{key}.json"
+    return json.loads(meta.read_text()) if meta.exists() else None
 
 
 def mean_target_domain_vectors(
@@ -236,7 +255,14 @@ def run_zeroshot(
     if not run.items_from_cache:
         run.stages.append(st_items.as_dict())
     else:
-        run.stages.append({"stage": f"{model} items", "from_cache": True})
+        cached = cached_item_stats(enc, items, template, Path(cache_dir), max_length)  # type: ignore[arg-type]
+        run.stages.append(
+            {
+                "stage": f"{model} items",
+                "from_cache": True,
+                **({"cached_run": cached} if cached else {}),
+            }
+        )
 
     t1 = time.perf_counter()
     run.ranked["mean10dom"] = rank_topk(
