@@ -243,11 +243,12 @@ def load_dual_encoder(
     """A saved (merged) model as a frozen dual encoder, for evaluation."""
     from transformers import AutoModel
 
-    from cprec.lm import load_tokenizer, resolve_device
+    from cprec.lm import load_tokenizer, resolve_device, resolve_dtype
 
     device = device or resolve_device(cfg.model.device)
+    dtype = resolve_dtype(cfg.model.dtype, device)  # auto: bf16 on CUDA, as the service does
     model = (
-        AutoModel.from_pretrained(model_dir, config=plain_config(model_dir), dtype=torch.float32)
+        AutoModel.from_pretrained(model_dir, config=plain_config(model_dir), dtype=dtype)
         .to(device)
         .eval()
     )
@@ -348,7 +349,8 @@ def run_finetune(cfg: TrainConfig, base_dir: Path, data: LoadedData, out_dir: Pa
     model.train()
     bar = tqdm(range(f.steps), desc="finetune", disable=not acc.is_main_process)
     for step in bar:
-        s0 = (step * f.batch_size) % len(examples)
+        # each process (DDP through accelerate) takes its own slice of the example stream
+        s0 = ((step * acc.num_processes + acc.process_index) * f.batch_size) % len(examples)
         batch = [examples[(s0 + j) % len(examples)] for j in range(f.batch_size)]
         cand, labels_list = build_candidates(batch, dom_pool, f.domain_negatives, rng)
         users = enc.users([ex.history for ex in batch])  # [B, D]
