@@ -169,9 +169,9 @@ class DualEncoder:
 
     @torch.no_grad()
     def encode_items(self, ids: Sequence[int], batch: int = 64) -> np.ndarray:
-        return self._batched(
-            list(ids), self.items, batch, key=lambda i: len(self.item_tokens([i])[0])
-        )
+        ids = list(ids)
+        lengths = {i: len(t) for i, t in zip(ids, self.item_tokens(ids), strict=True)}  # one call
+        return self._batched(ids, self.items, batch, key=lambda i: lengths[i])
 
     @torch.no_grad()
     def encode_users(self, histories: Sequence[Sequence[int]], batch: int = 32) -> np.ndarray:
