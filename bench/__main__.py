@@ -107,9 +107,9 @@ def render() -> str:
         "interleaved rounds. GPU rows: not run, no GPU lent.",
         "",
         "Optimisations in the code, each pinned by a behaviour test in `tests/perf/`: bf16 "
-        "weights on CPUs with native bf16 (`CPREC_DTYPE=auto`); the dynamic batcher splits a "
-        "coalesced batch into length-sorted forwards with bounded padding on CPU "
-        "(`CPREC_BATCH_MAX_PADDING`, auto = 0.25 on CPU, unlimited on CUDA); faiss searches run "
+        "weights on CPUs with native bf16 (`CPREC_DTYPE=auto`); dynamic batching (one padded "
+        "forward per coalesced batch; `CPREC_BATCH_MAX_PADDING` opts into length-sorted split "
+        "forwards with bounded padding, measured as `on-split` below); faiss searches run "
         "with one OpenMP thread per call (`CPREC_FAISS_SEARCH_THREADS=1`) so they do not stall "
         "beside the encoder's threads; reindex embeds length-sorted batches on the device "
         "thread; tokenisation, forward and search run off the event loop; `CPREC_QUANTIZE=int8` "
@@ -148,6 +148,9 @@ def render() -> str:
             ["model", "variant", "dtype", "kind", "batch", "mean_tokens", "seq_s", "tok_s"],
         )
         q = enc["quantization"]
+        from bench.encoder import int8_decision
+
+        decision = int8_decision(q, enc["quality"])[1]
         lines += [
             "",
             f"Quantisation option (`CPREC_QUANTIZE=int8`): quality on "
@@ -175,9 +178,9 @@ def render() -> str:
             f"int8 speedup on histories at batch 1: {q['speedup_vs_fp32_history_b1']}x "
             f"vs fp32, {q['speedup_vs_default_history_b1']}x vs the default dtype; "
             f"on titles at batch 32 {q['speedup_vs_fp32_title_b32']}x vs fp32. "
-            f"Enable it: **{'yes' if q['recommend_enable'] else 'no'}** (on only when the "
-            "loss is under 2% relative and it is faster than the default dtype; "
-            "`CPREC_QUANTIZE` defaults to `none`).",
+            f"Decision: **{decision}** (`CPREC_QUANTIZE` defaults to `none`; it is on only "
+            "when NDCG@10 and full-ranking MRR both lose under 2% relative to fp32 and int8 is "
+            "faster than the default dtype).",
         ]
     srv = _load("serve")
     if srv:

@@ -146,7 +146,7 @@ class Engine:
         self.batcher = Batcher(self.encoder, self.metrics, max_batch_size=s.max_batch_size,
                                max_wait_ms=s.max_wait_ms, token_budget=s.batch_token_budget,
                                queue_size=s.queue_size, enabled=s.batching,
-                               max_padding=self._batch_max_padding())
+                               max_padding=s.batch_max_padding)
         await self.batcher.start()
         await self.batcher.run_on_device(self.encoder.warmup)
         index = await asyncio.to_thread(
@@ -161,14 +161,6 @@ class Engine:
         self.metrics.ready.set(1)
         log.info("ready: model %s, index %s (%d items in %s)", self.model_version, index.version,
                  len(index.items), ", ".join(index.domains))
-
-    def _batch_max_padding(self) -> float | None:
-        """``batch_max_padding`` or its device default (perf, issue 5): on CPU throughput is flat
-        in batch size, so a padded forward only wastes work; on CUDA padding buys parallelism."""
-        if self.settings.batch_max_padding is not None:
-            return self.settings.batch_max_padding
-        device = getattr(self.encoder, "device", None)
-        return None if getattr(device, "type", "cpu") == "cuda" else 0.25
 
     async def stop(self) -> None:
         self.ready = False
