@@ -100,8 +100,9 @@ class CorpusConfig(_Strict):
         default=0.5,
         ge=0,
         le=1,
-        description="Share of all-domain mixed sequences among corpus sequences (the other share "
-        "is domain-specific). 0 = domain-specific only (the ablation), 1 = mixed only.",
+        description="Share of all-domain mixed sequences in CPT batches (each example is a mixed "
+        "chunk with this probability, else a domain-specific one). The corpus keeps every chunk; "
+        "0 = no mixed chunks at all (the domain-only ablation), 1 = no domain-specific ones.",
     )
     min_items: int = Field(default=2, ge=1, description="Shorter sequences are not written.")
     max_users: int | None = Field(default=None, ge=1, description="Cap users (seeded sample).")

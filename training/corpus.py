@@ -9,9 +9,12 @@ joined by the template separator. Per training user we write
   more domains; for a single-domain user it would repeat the domain-specific one word for word).
 
 Long sequences are cut into chunks of at most ``context_length`` tokens at behaviour boundaries
-(a title is never split; consecutive chunks do not overlap). ``mixed_ratio`` sets the share of
-mixed chunks: the more plentiful kind is subsampled (seeded) to reach it. The order of the
-output is a seeded shuffle, so the same config and seed give byte-identical corpora.
+(a title is never split; consecutive chunks do not overlap). Every chunk is kept: ``mixed_ratio``
+is the share of mixed chunks in CPT *batches* (:func:`sample_batch`); only ``0`` (no mixed
+chunks: the domain-only ablation) and ``1`` (no domain-specific ones) drop a kind. On FK-LOO the
+kinds differ a lot in size (43k single-domain users give only domain-specific chunks), so a
+subsampled corpus would have thrown most of the data away. The order of the output is a seeded
+shuffle, so the same config and seed give byte-identical corpora.
 
 Only ``data.train`` is read: for FK-LOO that is ``train.tsv.gz``, whose sequences end before the
 valid target, so neither valid nor test targets can leak into pre-training.
@@ -120,7 +123,7 @@ def build_corpus(
                 pdoms = sorted({d.items[i].domain for i in part})
                 mixed_chunks.append(Chunk(s.user_id, "mixed", pdoms, part, render(part), 0))
 
-    domain_chunks, mixed_chunks = _apply_ratio(domain_chunks, mixed_chunks, cfg.mixed_ratio, rng)
+    domain_chunks, mixed_chunks = _apply_ratio(domain_chunks, mixed_chunks, cfg.mixed_ratio)
     chunks = domain_chunks + mixed_chunks
     counts = count_tokens([c.text for c in chunks]) if chunks else []
     chunks = [
@@ -140,23 +143,37 @@ def _title_with_extra(data: LoadedData, i: int) -> str:
 
 
 def _apply_ratio(
-    dom: list[Chunk], mixed: list[Chunk], ratio: float, rng: np.random.Generator
+    dom: list[Chunk], mixed: list[Chunk], ratio: float
 ) -> tuple[list[Chunk], list[Chunk]]:
-    """Subsample one kind so that mixed / (domain + mixed) == ratio (up to rounding)."""
+    """Only the extremes drop a kind; in between every chunk is kept and the ratio is applied
+    when CPT samples batches (:func:`sample_batch`), so no training data is thrown away."""
     if ratio <= 0:
         return dom, []
     if ratio >= 1:
         return [], mixed
-    if not dom or not mixed:
-        return dom, mixed
-    want_mixed = ratio / (1 - ratio) * len(dom)  # mixed count that keeps every domain chunk
-    if want_mixed <= len(mixed):
-        keep = int(round(want_mixed))
-        idx = np.sort(rng.choice(len(mixed), size=max(1, keep), replace=False))
-        return dom, [mixed[i] for i in idx]
-    keep = int(round(len(mixed) * (1 - ratio) / ratio))
-    idx = np.sort(rng.choice(len(dom), size=max(1, keep), replace=False))
-    return [dom[i] for i in idx], mixed
+    return dom, mixed
+
+
+def sample_batch(
+    pools: dict[str, np.ndarray], ratio: float, size: int, rng: np.random.Generator
+) -> np.ndarray:
+    """``size`` chunk indices: each is from ``pools["mixed"]`` with probability ``ratio`` (else
+    from ``pools["domain"]``), uniform within the kind. An empty kind falls back to the other."""
+    dom, mix = pools.get("domain", np.empty(0, int)), pools.get("mixed", np.empty(0, int))
+    if dom.size == 0 and mix.size == 0:
+        raise ValueError("no corpus chunk to sample from")
+    take_mixed = rng.random(size) < ratio
+    if mix.size == 0:
+        take_mixed[:] = False
+    if dom.size == 0:
+        take_mixed[:] = True
+    out = np.empty(size, dtype=np.int64)
+    n_mix = int(take_mixed.sum())
+    if n_mix:
+        out[take_mixed] = rng.choice(mix, size=n_mix, replace=mix.size < n_mix)
+    if size - n_mix:
+        out[~take_mixed] = rng.choice(dom, size=size - n_mix, replace=dom.size < size - n_mix)
+    return out
 
 
 def corpus_stats(chunks: list[Chunk], n_users: int) -> dict:

@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from training.config import LoraConfig, TrainConfig
-from training.corpus import Chunk
+from training.corpus import Chunk, sample_batch
 from training.schedule import anneal_start_step, make_scheduler
 
 log = logging.getLogger(__name__)
@@ -230,20 +230,20 @@ def run_cpt(cfg: TrainConfig, base_dir: Path, chunks: list[Chunk], out_dir: Path
     model, opt = acc.prepare(model, opt)
 
     seqs = _tokenise(tok, chunks, cfg.corpus.context_length)
-    main_pool = np.arange(len(seqs))
-    anneal_pool = main_pool
+    kinds = np.array([ch.kind for ch in chunks])
+    main_pools = {k: np.flatnonzero(kinds == k) for k in ("domain", "mixed")}
+    anneal_pools = main_pools
     switch = c.steps  # never
     if c.anneal_domains:
         keep = set(c.anneal_domains)
-        anneal_pool = np.array([i for i, ch in enumerate(chunks) if set(ch.domains) <= keep])
+        ok = np.array([set(ch.domains) <= keep for ch in chunks])
+        anneal_pools = {k: np.flatnonzero((kinds == k) & ok) for k in ("domain", "mixed")}
         switch = anneal_start_step(c.steps, c.schedule.anneal_frac)
-        if anneal_pool.size == 0:
+        n_anneal = sum(v.size for v in anneal_pools.values())
+        if n_anneal == 0:
             raise ValueError(f"cpt.anneal_domains={c.anneal_domains}: no corpus chunk qualifies")
         log.info(
-            "cpt: annealing from step %d on %d chunks of %s",
-            switch,
-            anneal_pool.size,
-            c.anneal_domains,
+            "cpt: annealing from step %d on %d chunks of %s", switch, n_anneal, c.anneal_domains
         )
 
     ckpt = out_dir / "checkpoint"
@@ -269,12 +269,10 @@ def run_cpt(cfg: TrainConfig, base_dir: Path, chunks: list[Chunk], out_dir: Path
         total=c.steps,
     )
     for step in bar:
-        pool = anneal_pool if step >= switch else main_pool
+        pools = anneal_pools if step >= switch else main_pools
         for micro in range(c.grad_accum):
             rng = np.random.default_rng([c.seed, step, micro, acc.process_index])
-            pick = rng.choice(
-                pool, size=min(c.batch_size, pool.size), replace=pool.size < c.batch_size
-            )
+            pick = sample_batch(pools, cfg.corpus.mixed_ratio, c.batch_size, rng)
             batch = {k: v.to(acc.device) for k, v in _collate([seqs[i] for i in pick], pad).items()}
             with acc.accumulate(model):
                 loss = model(**batch).loss

@@ -1,8 +1,9 @@
+import numpy as np
 from train_util import toy_data
 
 from cprec.text import Template
 from training.config import CorpusConfig
-from training.corpus import build_corpus, whitespace_counter
+from training.corpus import build_corpus, sample_batch, whitespace_counter
 
 T = Template(max_items=8)
 
@@ -58,9 +59,20 @@ def test_mix_ratio():
     assert {c.kind for c in only_dom} == {"domain"} and s0["by_kind"]["mixed"]["sequences"] == 0
     _, only_mix, _ = _build(mixed_ratio=1.0)
     assert {c.kind for c in only_mix} == {"mixed"}
+    # in between nothing is dropped: the ratio applies when CPT samples batches
     _, quarter, s = _build(mixed_ratio=0.25)
-    n_mix, n = s["by_kind"]["mixed"]["sequences"], s["sequences"]
-    assert abs(n_mix / n - 0.25) < 0.05
+    _, half, _ = _build(mixed_ratio=0.5)
+    assert len(quarter) == len(half) == len(only_dom) + len(only_mix)
+
+
+def test_sample_batch_follows_ratio():
+    pools = {"domain": np.arange(0, 100), "mixed": np.arange(100, 110)}
+    pick = sample_batch(pools, 0.25, 4000, np.random.default_rng(0))
+    share = float(np.mean(pick >= 100))
+    assert abs(share - 0.25) < 0.03  # the small mixed pool is drawn as often as asked
+    assert set(sample_batch(pools, 0.0, 200, np.random.default_rng(1))) <= set(range(100))
+    only_dom = {"domain": np.arange(5), "mixed": np.empty(0, dtype=int)}
+    assert set(sample_batch(only_dom, 0.9, 50, np.random.default_rng(2))) <= set(range(5))
 
 
 def test_chunking_respects_context_and_keeps_titles_whole():
