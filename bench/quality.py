@@ -12,10 +12,12 @@ Systems (``--systems``):
                       10 target-domain item vectors)
   zeroshot-smollm2    the same with bundled SmolLM2-135M (last-token pooling)
   sasrec              compact SASRec on the mixed sequences (training/sasrec.py)
-  finetune-only, cprec, cprec-cosine, cprec-domain-only
+  finetune-only, cprec, cprec-cosine, cprec-domain-only, cprec-idres
                       from the training pipeline (``training.pipeline.run_system``) with the
-                      config ``--train-config`` (default ``configs/quality-<mode>.yaml``); they
-                      show "not available" (with the reason) when that module or config is missing.
+                      config ``--train-config`` (default ``configs/quality-<mode>.yaml``; full
+                      mode falls back to ``configs/gpu-full.yaml``, which needs CUDA); they show
+                      "not available" (with the reason) when that module or config is missing.
+                      The pipeline ranks the comparison cases (the sample in budget mode).
 
 Modes:
   --budget  for a 2-core CPU, < 30 min uncontended. The comparison set is a fixed sample of
@@ -75,7 +77,7 @@ STORE = REPO / "var" / "store"  # where the service keeps converted bundled base
 START, END = "<!-- quality:start -->", "<!-- quality:end -->"
 
 BASELINES = ["pop", "zeroshot-minilm", "zeroshot-smollm2", "sasrec"]
-PIPELINE_SYSTEMS = ["finetune-only", "cprec", "cprec-cosine", "cprec-domain-only"]
+PIPELINE_SYSTEMS = ["finetune-only", "cprec", "cprec-cosine", "cprec-domain-only", "cprec-idres"]
 ALL_SYSTEMS = BASELINES + PIPELINE_SYSTEMS
 DEFAULT_SYSTEMS = {"budget": ["pop", "zeroshot-minilm", "sasrec"], "full": ALL_SYSTEMS}
 SKIP_REASON = {
@@ -96,6 +98,7 @@ ROW_LABELS = {
     "cprec": "CPRec: CPT (WSA) + fine-tune",
     "cprec-cosine": "CPRec with a cosine CPT schedule",
     "cprec-domain-only": "CPRec, CPT on domain-specific sequences only",
+    "cprec-idres": "CPRec plus the item-ID residual (training/finetune.py)",
 }
 ANCHORS = {  # file stem in <shared>/benchmarks/fk_loo/anchors -> label
     "pop": "anchor: Popularity",
@@ -332,8 +335,28 @@ def run_sasrec(ctx: Ctx) -> list[dict[str, Any]]:
     ]
 
 
+def fill_missing(rows: dict[str, Any], mode: str, args: argparse.Namespace) -> list[str]:
+    """Rows not run say so (never a number); returns the table order."""
+    for s in ALL_SYSTEMS:
+        if s in rows:
+            continue
+        why = pipeline_missing(s, mode, args) if s in PIPELINE_SYSTEMS else None
+        rows[s] = (
+            unavailable(s, mode, "not available", why)
+            if why
+            else unavailable(s, mode, "not run", SKIP_REASON.get((mode, s), f"add --systems {s}"))
+        )
+    return [k for s in ALL_SYSTEMS for k in (s, f"{s}-mean10dom") if k in rows]
+
+
 def train_config_path(mode: str, args: argparse.Namespace) -> Path:
-    return Path(args.train_config or REPO / "configs" / f"quality-{mode}.yaml")
+    """--train-config, else configs/quality-<mode>.yaml, else (full mode) configs/gpu-full.yaml."""
+    if args.train_config:
+        return Path(args.train_config)
+    own = REPO / "configs" / f"quality-{mode}.yaml"
+    if mode == "full" and not own.exists():
+        return REPO / "configs" / "gpu-full.yaml"
+    return own
 
 
 def pipeline_missing(system: str, mode: str, args: argparse.Namespace) -> str | None:
@@ -645,6 +668,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.docs_only:
         q = json.loads(QUALITY_JSON.read_text()) if QUALITY_JSON.exists() else {}
+        for m, run in q.get("runs", {}).items():  # systems added since the run: say "not run"
+            run["order"] = fill_missing(run["rows"], m, args)
         write_docs(markdown(q))
         return 0
 
@@ -703,16 +728,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         k: v for k, v in prev.get("rows", {}).items() if same and v.get("status") == "ok"
     }
     rows.update(new_rows)
-    for s in ALL_SYSTEMS:  # rows not run: say so, never a number
-        if s in rows:
-            continue
-        why = pipeline_missing(s, mode, args) if s in PIPELINE_SYSTEMS else None
-        rows[s] = (
-            unavailable(s, mode, "not available", why)
-            if why
-            else unavailable(s, mode, "not run", SKIP_REASON.get((mode, s), f"add --systems {s}"))
-        )
-    order = [k for s in ALL_SYSTEMS for k in (s, f"{s}-mean10dom") if k in rows]
+    order = fill_missing(rows, mode, args)
     invocations = (prev.get("invocations", []) if same else [])[-9:] + [
         {"command": command, "created_at": created, "wall_s": round(wall, 1), "systems": systems}
     ]
