@@ -371,6 +371,16 @@ def pipeline_missing(system: str, mode: str, args: argparse.Namespace) -> str | 
     if not path.exists():
         rel = path.relative_to(REPO) if path.is_relative_to(REPO) else path
         return f"no training config {rel} (pass --train-config)"
+    try:
+        import torch
+
+        from training.config import load_config
+
+        cfg = load_config(path)
+    except Exception as e:
+        return f"{path.name}: invalid training config: {type(e).__name__}: {e}"
+    if str(cfg.model.device).startswith("cuda") and not torch.cuda.is_available():
+        return f"{path.name} needs CUDA (model.device={cfg.model.device}) and none is present"
     return None
 
 
