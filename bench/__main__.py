@@ -55,6 +55,15 @@ def summarise(mode: str, timings: dict[str, float]) -> dict[str, Any]:
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "device": device_info(),
         "seconds": timings,
+        "runs": {  # when each benchmark ran and how loaded the shared machine was
+            n: {
+                "created_at": r.get("created_at"),
+                "command": r.get("command"),
+                "loadavg_at_start": round(r.get("device", {}).get("loadavg_at_start", -1), 1),
+            }
+            for n in BENCHES
+            if (r := _load(n))
+        },
         "targets": targets,
     }
     (RESULTS / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -89,6 +98,9 @@ def _load(name: str) -> dict[str, Any] | None:
 def render() -> str:
     s = _load("summary") or {"targets": {}}
     dev = s.get("device", {})
+    loads = ", ".join(
+        f"{n} {r['loadavg_at_start']} ({r['created_at']})" for n, r in s.get("runs", {}).items()
+    )
     lines = [
         START,
         "",
@@ -101,8 +113,8 @@ def render() -> str:
         f"{dev.get('cpu', '?')} ({dev.get('cpu_count', '?')} cores, torch "
         f"{dev.get('torch', '?')}, {dev.get('torch_threads', '?')} threads, CUDA: "
         f"{dev.get('cuda') or 'none'}). **The machine was shared**: other people's tests and "
-        "training ran on the same 2 cores during the run (load average at start "
-        f"{dev.get('loadavg_at_start', '?')}), so absolute numbers are low and noisy; every "
+        "training ran on the same 2 cores during the runs (1-minute load average at each "
+        f"benchmark's start: {loads}), so absolute numbers are low and noisy; every "
         "target is a ratio of two conditions measured side by side in the same run, in "
         "interleaved rounds. GPU rows: not run, no GPU lent.",
         "",
