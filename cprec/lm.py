@@ -113,8 +113,19 @@ def is_decoder_config(cfg: object) -> bool:
     archs = getattr(cfg, "architectures", None) or []
     if any(a.endswith("ForCausalLM") for a in archs):
         return True
-    return getattr(cfg, "model_type", "") in {"llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2",
-                                              "phi3", "gpt2", "gpt_neox", "opt", "smollm3"}
+    return getattr(cfg, "model_type", "") in {
+        "llama",
+        "qwen2",
+        "qwen3",
+        "mistral",
+        "gemma",
+        "gemma2",
+        "phi3",
+        "gpt2",
+        "gpt_neox",
+        "opt",
+        "smollm3",
+    }
 
 
 def resolve_device(preference: str = "auto") -> torch.device:
@@ -138,11 +149,19 @@ def cpu_has_fast_bf16() -> bool:
 def resolve_dtype(preference: str, device: torch.device) -> torch.dtype:
     """``auto``: bf16 on CUDA; on CPU bf16 only with native bf16 instructions (2x faster for
     MiniLM at cosine 0.9999 to fp32), else fp32 (emulated bf16 is slower than fp32)."""
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if preference != "auto":
         if preference not in table:
-            raise ValueError(f"unknown dtype {preference!r}; use auto, float32, bfloat16 or float16")
+            raise ValueError(
+                f"unknown dtype {preference!r}; use auto, float32, bfloat16 or float16"
+            )
         return table[preference]
     if device.type == "cuda":
         return torch.bfloat16

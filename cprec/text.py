@@ -33,7 +33,7 @@ def normalise_title(title: str) -> str:
 
 
 class Template(BaseModel):
-    """How behaviours become text. Stored in artifact manifests; defaults are the CPRec-style prompt."""
+    """How behaviours become text; stored in artifact manifests. Defaults: CPRec-style prompt."""
 
     item_format: str = Field(
         default="{domain}: {title}",

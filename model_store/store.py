@@ -48,7 +48,9 @@ class Manifest(BaseModel):
     """Everything needed to serve, reproduce and audit one model version."""
 
     version: str
-    created_at: str = Field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    created_at: str = Field(
+        default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    )
     base_model: str = Field(description="Bundled name or path of the model this was trained from.")
     pooling: str = Field(description="mean | cls | last")
     is_decoder: bool = False
@@ -141,7 +143,14 @@ def render_card(m: Manifest, extra: str = "") -> str:
             shown = f"{value:.4f}" if isinstance(value, float) else str(value)
             lines.append(f"| {key} | {shown} |")
     if m.config:
-        lines += ["", "## Config", "", "```json", json.dumps(m.config, indent=2, sort_keys=True), "```"]
+        lines += [
+            "",
+            "## Config",
+            "",
+            "```json",
+            json.dumps(m.config, indent=2, sort_keys=True),
+            "```",
+        ]
     lines += ["", "## Library versions", ""]
     lines += [f"- {k}: {v}" for k, v in sorted(m.library_versions.items())]
     if extra:
@@ -250,14 +259,20 @@ class ModelStore:
     def versions(self) -> list[str]:
         if not self.versions_dir.is_dir():
             return []
-        return sorted(p.name for p in self.versions_dir.iterdir()
-                      if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).is_file())
+        return sorted(
+            p.name
+            for p in self.versions_dir.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).is_file()
+        )
 
     def aliases(self) -> dict[str, str]:
         if not self.aliases_dir.is_dir():
             return {}
-        return {p.name: p.read_text(encoding="utf-8").strip()
-                for p in self.aliases_dir.iterdir() if p.is_file() and not p.name.startswith(".")}
+        return {
+            p.name: p.read_text(encoding="utf-8").strip()
+            for p in self.aliases_dir.iterdir()
+            if p.is_file() and not p.name.startswith(".")
+        }
 
     def load(self, ref: str, verify: bool = True) -> Artifact:
         """A version (by name or alias) after checking every file's sha256 against the manifest."""
@@ -270,7 +285,9 @@ class ModelStore:
         try:
             m = Manifest.model_validate_json((path / MANIFEST).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise ArtifactError(f"{path / MANIFEST}: unreadable manifest ({exc})", MANIFEST) from exc
+            raise ArtifactError(
+                f"{path / MANIFEST}: unreadable manifest ({exc})", MANIFEST
+            ) from exc
         if verify:
             verify_files(path, m.files)
         return Artifact(path=path, manifest=m)
@@ -287,13 +304,17 @@ def verify_manifest(path: Path) -> None:
     """The manifest's own checksum (``manifest.sha256``): a changed byte in it is refused too."""
     sum_file = path / MANIFEST_SUM
     if not sum_file.is_file():
-        raise ArtifactError(f"{sum_file}: missing; the version was not published by this store",
-                            MANIFEST_SUM)
+        raise ArtifactError(
+            f"{sum_file}: missing; the version was not published by this store", MANIFEST_SUM
+        )
     expected = sum_file.read_text(encoding="utf-8").strip()
     actual = sha256_file(path / MANIFEST) if (path / MANIFEST).is_file() else "missing"
     if actual != expected:
-        raise ArtifactError(f"{path / MANIFEST}: checksum mismatch with {MANIFEST_SUM}; the "
-                            "manifest is corrupt or was modified after publish", MANIFEST)
+        raise ArtifactError(
+            f"{path / MANIFEST}: checksum mismatch with {MANIFEST_SUM}; the "
+            "manifest is corrupt or was modified after publish",
+            MANIFEST,
+        )
 
 
 def verify_files(path: Path, files: Mapping[str, str]) -> None:

@@ -78,12 +78,23 @@ class BodyLimit:
 async def _send_413(send: Send, limit: int, name: str = "max_body_bytes") -> None:
     import json
 
-    body = json.dumps(envelope("payload_too_large",
-                               f"request body exceeds {limit} bytes ({name})",
-                               {"limit": limit, "setting": name})).encode()
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode())]})
+    body = json.dumps(
+        envelope(
+            "payload_too_large",
+            f"request body exceeds {limit} bytes ({name})",
+            {"limit": limit, "setting": name},
+        )
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -114,16 +125,29 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         finally:
             await eng.stop()
 
-    app = FastAPI(title="cprec", version="0.1.0", lifespan=lifespan,
-                  description="Domain-agnostic LLM recommendations over a FAISS item index.")
+    app = FastAPI(
+        title="cprec",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Domain-agnostic LLM recommendations over a FAISS item index.",
+    )
     app.state.engine = eng
     app.include_router(router, responses=ERROR_RESPONSES)
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
-                           allow_methods=["GET", "POST"], allow_headers=["*"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+        )
 
-    def _render(code: str, status: int, message: str, details: Any = None,
-                headers: dict[str, str] | None = None) -> JSONResponse:
+    def _render(
+        code: str,
+        status: int,
+        message: str,
+        details: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> JSONResponse:
         eng.metrics.errors.labels(code).inc()
         return JSONResponse(envelope(code, message, details), status_code=status, headers=headers)
 
@@ -133,14 +157,18 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errs = [{"field": _loc(e.get("loc", ())), "reason": e.get("msg", ""), "type": e.get("type")}
-                for e in exc.errors()]
+        errs = [
+            {"field": _loc(e.get("loc", ())), "reason": e.get("msg", ""), "type": e.get("type")}
+            for e in exc.errors()
+        ]
         for e, out in zip(exc.errors(), errs, strict=True):
             if e.get("type") == "json_invalid":  # loc is ("body", char offset): say so plainly
                 pos = (list(e.get("loc", ())) + [None, None])[1]
                 out["field"] = "body"
-                out["reason"] = (f"invalid JSON at character {pos}: "
-                                 f"{(e.get('ctx') or {}).get('error', 'decode error')}")
+                out["reason"] = (
+                    f"invalid JSON at character {pos}: "
+                    f"{(e.get('ctx') or {}).get('error', 'decode error')}"
+                )
         first = errs[0] if errs else {"field": "body", "reason": "invalid"}
         return _render("validation_error", 422, f"{first['field']}: {first['reason']}", errs)
 
@@ -155,12 +183,16 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             else:
                 why = str(cause or "")[:200] or str(exc.detail)
                 reason, kind = f"body cannot be parsed ({why})", "body_invalid"
-            return _render("validation_error", 422, f"body: {reason}",
-                           [{"field": "body", "reason": reason, "type": kind}])
-        code = {404: "not_found", 405: "method_not_allowed",
-                413: "payload_too_large"}.get(exc.status_code, "http_error")
-        return _render(code, exc.status_code, str(exc.detail), None,
-                       getattr(exc, "headers", None))
+            return _render(
+                "validation_error",
+                422,
+                f"body: {reason}",
+                [{"field": "body", "reason": reason, "type": kind}],
+            )
+        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
+            exc.status_code, "http_error"
+        )
+        return _render(code, exc.status_code, str(exc.detail), None, getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -177,6 +209,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         eng.metrics.requests.labels(name, str(response.status_code)).inc()
         return response
 
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes,
-                       upload_limit=settings.max_upload_bytes)
+    app.add_middleware(
+        BodyLimit, limit=settings.max_body_bytes, upload_limit=settings.max_upload_bytes
+    )
     return app

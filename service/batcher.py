@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from cprec.lm import TextKind
 from service.encoder import Encoder
 from service.errors import Overloaded
 from service.metrics import Metrics
@@ -79,7 +80,7 @@ class Batcher:
         """Run ``fn`` on the device thread (the reindex job embeds through here)."""
         return await asyncio.get_running_loop().run_in_executor(self.device_pool, fn, *args)
 
-    async def tokenize(self, texts: list[str], kind: str) -> list[list[int]]:
+    async def tokenize(self, texts: list[str], kind: TextKind) -> list[list[int]]:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.pre_pool, self.encoder.pre, texts, kind)
 
@@ -88,8 +89,11 @@ class Batcher:
         if self._queue is None:
             raise RuntimeError("batcher not started")
         if self.depth >= self.queue_size:
-            raise Overloaded("encoder queue is full; retry shortly",
-                             details={"queue_size": self.queue_size}, headers={"Retry-After": "1"})
+            raise Overloaded(
+                "encoder queue is full; retry shortly",
+                details={"queue_size": self.queue_size},
+                headers={"Retry-After": "1"},
+            )
         ids = (await self.tokenize([text], "query"))[0]
         if not self.enabled:
             self._inflight += 1
@@ -102,9 +106,11 @@ class Batcher:
         try:
             self._queue.put_nowait((ids, fut))
         except asyncio.QueueFull:
-            raise Overloaded("encoder queue is full; retry shortly",
-                             details={"queue_size": self.queue_size},
-                             headers={"Retry-After": "1"}) from None
+            raise Overloaded(
+                "encoder queue is full; retry shortly",
+                details={"queue_size": self.queue_size},
+                headers={"Retry-After": "1"},
+            ) from None
         self._gauge()
         return await fut
 

@@ -107,8 +107,13 @@ class RedisCache(UserVectorCache):
 
     def _failed(self, op: str, exc: BaseException) -> None:
         if self.available:
-            log.warning("redis %s failed (%s: %s); serving without cache for %.1fs",
-                        op, type(exc).__name__, exc, self.retry_s)
+            log.warning(
+                "redis %s failed (%s: %s); serving without cache for %.1fs",
+                op,
+                type(exc).__name__,
+                exc,
+                self.retry_s,
+            )
         self._skip_until = time.monotonic() + self.retry_s
         self.on_error(op)
 
@@ -122,7 +127,7 @@ class RedisCache(UserVectorCache):
             return None
         if raw is None:
             return None
-        return np.frombuffer(raw, dtype=np.float32).copy()
+        return np.frombuffer(raw, dtype=np.float32).copy()  # type: ignore[arg-type]
 
     async def set(self, key: str, vector: np.ndarray) -> None:
         if not self.available:

@@ -18,9 +18,10 @@ from service.protocol import CatalogItem
 def _bad(source: str, line: int, reason: str) -> ValidationFailed:
     # "field" as in every other 4xx envelope: items[i] for inline items, else the file's line.
     field = f"items[{line - 1}]" if source == "items" else f"{source}:{line}"
-    return ValidationFailed(f"{source}:{line}: {reason}",
-                            details={"field": field, "source": source, "line": line,
-                                     "reason": reason})
+    return ValidationFailed(
+        f"{source}:{line}: {reason}",
+        details={"field": field, "source": source, "line": line, "reason": reason},
+    )
 
 
 def _item(source: str, line: int, raw: object) -> Item:
@@ -43,7 +44,9 @@ def check_unique(items: Iterable[Item], source: str = "items") -> None:
         seen[it.item_id] = n
 
 
-def parse_catalog(data: bytes, fmt: str, source: str = "upload", max_rows: int = 2_000_000) -> list[Item]:
+def parse_catalog(
+    data: bytes, fmt: str, source: str = "upload", max_rows: int = 2_000_000
+) -> list[Item]:
     """Parse an uploaded catalogue. ``fmt`` is ``jsonl`` or ``csv`` (header: item_id, domain,
     title[, extra_text][, popularity]). Raises ValidationFailed naming the line."""
     try:
@@ -53,11 +56,12 @@ def parse_catalog(data: bytes, fmt: str, source: str = "upload", max_rows: int =
         raise _bad(source, line, "invalid UTF-8") from None
     items: list[Item] = []
     if fmt == "jsonl":
-        for n, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
+        # split on "\n" only: str.splitlines would also cut at U+2028/U+0085 inside a title.
+        for n, row_text in enumerate(text.split("\n"), start=1):
+            if not row_text.strip():
                 continue
             try:
-                raw = json.loads(line)
+                raw = json.loads(row_text)
             except json.JSONDecodeError as exc:
                 raise _bad(source, n, f"invalid JSON ({exc.msg})") from None
             items.append(_item(source, n, raw))
@@ -77,8 +81,9 @@ def parse_catalog(data: bytes, fmt: str, source: str = "upload", max_rows: int =
             if len(items) > max_rows:
                 raise PayloadTooLarge(f"catalogue has more than {max_rows} rows (max_upload_rows)")
     else:
-        raise ValidationFailed(f"unknown catalogue format {fmt!r}; use jsonl or csv",
-                               details={"field": "format"})
+        raise ValidationFailed(
+            f"unknown catalogue format {fmt!r}; use jsonl or csv", details={"field": "format"}
+        )
     if not items:
         raise _bad(source, 1, "catalogue is empty")
     check_unique(items, source)
@@ -93,8 +98,11 @@ def resolve_catalog_path(base: Path | None, rel: str, max_bytes: int) -> Path:
     files over ``max_bytes`` (413). The error never echoes the resolved server path.
     """
     if base is None:
-        raise Forbidden("reading catalogues by path is disabled: set CPREC_CATALOG_DIR to a "
-                        "directory to allow it", details={"field": "path"})
+        raise Forbidden(
+            "reading catalogues by path is disabled: set CPREC_CATALOG_DIR to a "
+            "directory to allow it",
+            details={"field": "path"},
+        )
 
     def bad(reason: str) -> ValidationFailed:
         return ValidationFailed(f"path: {reason}", details={"field": "path", "reason": reason})
@@ -117,8 +125,10 @@ def resolve_catalog_path(base: Path | None, rel: str, max_bytes: int) -> Path:
     except OSError as exc:  # e.g. a name too long, a symlink loop: the client's mistake
         raise bad(f"cannot be opened ({exc.strerror or type(exc).__name__})") from None
     if size > max_bytes:
-        raise PayloadTooLarge(f"path: file exceeds {max_bytes} bytes (max_upload_bytes)",
-                              details={"field": "path", "limit": max_bytes})
+        raise PayloadTooLarge(
+            f"path: file exceeds {max_bytes} bytes (max_upload_bytes)",
+            details={"field": "path", "limit": max_bytes},
+        )
     return target
 
 

@@ -98,13 +98,20 @@ class HFEncoder(Encoder):
             from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
             self.model = quantize_dynamic(
-                self.model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+                self.model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8
+            )
         self.dim = int(self.model.config.hidden_size)
         # HF fast tokenizers are not safe to call from several threads at once.
         self._tok_lock = threading.Lock()
-        log.info("encoder %s on %s (%s%s), pooling=%s, dim=%d", self.name, self.device,
-                 str(self.dtype).removeprefix("torch."),
-                 ", int8 dynamic" if quantize == "int8" else "", pooling, self.dim)
+        log.info(
+            "encoder %s on %s (%s%s), pooling=%s, dim=%d",
+            self.name,
+            self.device,
+            str(self.dtype).removeprefix("torch."),
+            ", int8 dynamic" if quantize == "int8" else "",
+            pooling,
+            self.dim,
+        )
 
     def pre(self, texts: Sequence[str], kind: TextKind) -> list[list[int]]:
         with self._tok_lock:

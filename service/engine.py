@@ -57,9 +57,16 @@ def load_model(settings: Settings) -> LoadedModel:
         art = store.load(settings.model)  # raises ArtifactError naming the bad file
         m = art.manifest
         template = Template.model_validate(m.template) if m.template else Template()
-        enc = HFEncoder(art.path, pooling=m.pooling, is_decoder=m.is_decoder,  # type: ignore[arg-type]
-                        max_length=m.max_length, device=settings.device, dtype=settings.dtype,
-                        name=f"store:{m.version}", quantize=settings.quantize)
+        enc = HFEncoder(
+            art.path,
+            pooling=m.pooling,  # type: ignore[arg-type]  # validated by the manifest writer
+            is_decoder=m.is_decoder,
+            max_length=m.max_length,
+            device=settings.device,
+            dtype=settings.dtype,
+            name=f"store:{m.version}",
+            quantize=settings.quantize,
+        )
         return LoadedModel(enc, m.version, template)
     base = settings.base_model
     if base in BUNDLED:
@@ -69,16 +76,25 @@ def load_model(settings: Settings) -> LoadedModel:
     else:
         path = Path(base)
         if not (path / "config.json").is_file():
-            raise ArtifactError(f"base_model {base!r} is neither a bundled name "
-                                f"({sorted(BUNDLED)}) nor a local HF folder with config.json")
+            raise ArtifactError(
+                f"base_model {base!r} is neither a bundled name "
+                f"({sorted(BUNDLED)}) nor a local HF folder with config.json"
+            )
         from transformers import AutoConfig
 
         is_dec = is_decoder_config(AutoConfig.from_pretrained(path))
         pooling = detect_pooling(path)
         version = f"local-{path.name}"
-    enc = HFEncoder(path, pooling=pooling, is_decoder=is_dec, max_length=settings.max_length,
-                    device=settings.device, dtype=settings.dtype, name=version,
-                    quantize=settings.quantize)
+    enc = HFEncoder(
+        path,
+        pooling=pooling,
+        is_decoder=is_dec,
+        max_length=settings.max_length,
+        device=settings.device,
+        dtype=settings.dtype,
+        name=version,
+        quantize=settings.quantize,
+    )
     return LoadedModel(enc, version, Template(max_items=settings.history_max_items))
 
 
@@ -129,28 +145,42 @@ class Engine:
         if self._encoder is None:
             loaded = await asyncio.to_thread(load_model, s)
             self._encoder, self.model_version, self.template = (
-                loaded.encoder, loaded.version, loaded.template)
+                loaded.encoder,
+                loaded.version,
+                loaded.template,
+            )
         if self._cache is None:
             if s.redis_url:
                 self._cache = RedisCache(
-                    s.redis_url, ttl_s=s.cache_ttl_s, timeout_s=s.redis_timeout_s,
+                    s.redis_url,
+                    ttl_s=s.cache_ttl_s,
+                    timeout_s=s.redis_timeout_s,
                     retry_s=s.redis_retry_s,
-                    on_error=lambda op: self.metrics.cache.labels("error").inc())
+                    on_error=lambda op: self.metrics.cache.labels("error").inc(),
+                )
                 if not await self._cache.ping():  # type: ignore[attr-defined]
-                    log.warning("redis at start-up is unreachable; serving without cache until "
-                                "it answers")
+                    log.warning(
+                        "redis at start-up is unreachable; serving without cache until it answers"
+                    )
             else:
-                log.info("REDIS_URL not set: caching user vectors in-process (LRU, %d entries)",
-                         s.lru_size)
+                log.info(
+                    "REDIS_URL not set: caching user vectors in-process (LRU, %d entries)",
+                    s.lru_size,
+                )
                 self._cache = LRUCache(s.lru_size, s.cache_ttl_s)
-        self.batcher = Batcher(self.encoder, self.metrics, max_batch_size=s.max_batch_size,
-                               max_wait_ms=s.max_wait_ms, token_budget=s.batch_token_budget,
-                               queue_size=s.queue_size, enabled=s.batching,
-                               max_padding=s.batch_max_padding)
+        self.batcher = Batcher(
+            self.encoder,
+            self.metrics,
+            max_batch_size=s.max_batch_size,
+            max_wait_ms=s.max_wait_ms,
+            token_budget=s.batch_token_budget,
+            queue_size=s.queue_size,
+            enabled=s.batching,
+            max_padding=s.batch_max_padding,
+        )
         await self.batcher.start()
         await self.batcher.run_on_device(self.encoder.warmup)
-        index = await asyncio.to_thread(
-            self.index_store.load_latest, s.faiss_gpu, s.hnsw_ef_search)
+        index = await asyncio.to_thread(self.index_store.load_latest, s.faiss_gpu, s.hnsw_ef_search)
         if index is None:
             log.info("no saved index for %s: indexing %s", self.model_version, s.catalog_path)
             items = await asyncio.to_thread(load_catalog_file, Path(s.catalog_path))
@@ -159,8 +189,13 @@ class Engine:
         self._install(index)
         self.ready = True
         self.metrics.ready.set(1)
-        log.info("ready: model %s, index %s (%d items in %s)", self.model_version, index.version,
-                 len(index.items), ", ".join(index.domains))
+        log.info(
+            "ready: model %s, index %s (%d items in %s)",
+            self.model_version,
+            index.version,
+            len(index.items),
+            ", ".join(index.domains),
+        )
 
     async def stop(self) -> None:
         self.ready = False
@@ -185,12 +220,16 @@ class Engine:
             self.metrics.index_size.labels(d).set(index.size(d))
 
     # -- recommend ---------------------------------------------------------------------------
-    def _resolve_history(self, idx: ItemIndex, req: RecommendRequest) -> tuple[list[Behaviour], set[int]]:
+    def _resolve_history(
+        self, idx: ItemIndex, req: RecommendRequest
+    ) -> tuple[list[Behaviour], set[int]]:
         s = self.settings
         if len(req.history) > s.max_history:
             raise PayloadTooLarge(
                 f"history has {len(req.history)} entries; the limit is {s.max_history} "
-                "(max_history)", details={"field": "history", "limit": s.max_history})
+                "(max_history)",
+                details={"field": "history", "limit": s.max_history},
+            )
         behaviours: list[Behaviour] = []
         seen: set[int] = set()
         for n, entry in enumerate(req.history):
@@ -199,7 +238,8 @@ class Engine:
                 if row is None:
                     raise ValidationFailed(
                         f"history[{n}].item_id {entry.item_id!r} is not in the catalogue",
-                        details={"field": f"history[{n}].item_id", "item_id": entry.item_id})
+                        details={"field": f"history[{n}].item_id", "item_id": entry.item_id},
+                    )
                 it = idx.items[row]
                 behaviours.append(Behaviour(it.domain, it.title))
                 seen.add(row)
@@ -208,11 +248,14 @@ class Engine:
                     raise ValidationFailed(
                         f"history[{n}].title has {len(entry.title)} characters; the limit is "
                         f"{s.max_title_chars} (max_title_chars)",
-                        details={"field": f"history[{n}].title", "limit": s.max_title_chars})
+                        details={"field": f"history[{n}].title", "limit": s.max_title_chars},
+                    )
                 title = normalise_title(entry.title)
                 if not title:
-                    raise ValidationFailed(f"history[{n}].title is empty after normalisation",
-                                           details={"field": f"history[{n}].title"})
+                    raise ValidationFailed(
+                        f"history[{n}].title is empty after normalisation",
+                        details={"field": f"history[{n}].title"},
+                    )
                 behaviours.append(Behaviour(entry.domain, title))
                 row = idx.by_title.get((entry.domain, title.casefold()))
                 if row is not None:
@@ -226,18 +269,21 @@ class Engine:
             raise ValidationFailed(
                 f"{len(req.target_domains)} target domains; the limit is "
                 f"{self.settings.max_target_domains} (max_target_domains)",
-                details={"field": "target_domains", "limit": self.settings.max_target_domains})
+                details={"field": "target_domains", "limit": self.settings.max_target_domains},
+            )
         unknown = [d for d in req.target_domains if d not in idx.rows_by_domain]
         if unknown:
             raise ValidationFailed(
                 f"unknown target domain(s) {unknown}; known: {idx.domains}",
-                details={"field": "target_domains", "unknown": unknown, "known": idx.domains})
+                details={"field": "target_domains", "unknown": unknown, "known": idx.domains},
+            )
         return list(req.target_domains)
 
     async def user_vector(self, text: str) -> tuple[np.ndarray, bool]:
         """The user vector and whether it came from the cache."""
-        key = cache_key(self.settings.redis_prefix,
-                        f"{self.model_version}:{self.template.fingerprint()}", text)
+        key = cache_key(
+            self.settings.redis_prefix, f"{self.model_version}:{self.template.fingerprint()}", text
+        )
         vec = await self.cache.get(key)
         if vec is not None and vec.shape == (self.encoder.dim,):
             self.metrics.cache.labels("hit").inc()
@@ -255,31 +301,51 @@ class Engine:
             raise NotReady("the service is not ready (still loading)")
         idx = self.index  # one snapshot for the whole request
         if req.k > self.settings.max_k:
-            raise ValidationFailed(f"k={req.k} exceeds max_k={self.settings.max_k}",
-                                   details={"field": "k", "limit": self.settings.max_k})
+            raise ValidationFailed(
+                f"k={req.k} exceeds max_k={self.settings.max_k}",
+                details={"field": "k", "limit": self.settings.max_k},
+            )
         behaviours, seen = self._resolve_history(idx, req)
         targets = self._targets(idx, req)
         exclude = seen if req.exclude_history else set()
         results: dict[str, list[ScoredItem]] = {}
         if not behaviours:
             for d in targets:
-                rows = idx.most_popular(d, req.k)
-                results[d] = [ScoredItem(item_id=idx.items[r].item_id, title=idx.items[r].title,
-                                         score=float(idx.items[r].popularity)) for r in rows]
-            return RecommendResponse(model_version=self.model_version, index_version=idx.version,
-                                     cached=False, cold_start=True, results=results)
+                popular = idx.most_popular(d, req.k)
+                results[d] = [
+                    ScoredItem(
+                        item_id=idx.items[r].item_id,
+                        title=idx.items[r].title,
+                        score=float(idx.items[r].popularity),
+                    )
+                    for r in popular
+                ]
+            return RecommendResponse(
+                model_version=self.model_version,
+                index_version=idx.version,
+                cached=False,
+                cold_start=True,
+                results=results,
+            )
         text = self.template.render_history(behaviours)
         vec, cached = await self.user_vector(text)
         hits = await asyncio.to_thread(self._search_all, idx, targets, vec, req.k, exclude)
         for d, rows in hits.items():
-            results[d] = [ScoredItem(item_id=idx.items[r].item_id, title=idx.items[r].title,
-                                     score=s) for r, s in rows]
-        return RecommendResponse(model_version=self.model_version, index_version=idx.version,
-                                 cached=cached, results=results)
+            results[d] = [
+                ScoredItem(item_id=idx.items[r].item_id, title=idx.items[r].title, score=s)
+                for r, s in rows
+            ]
+        return RecommendResponse(
+            model_version=self.model_version,
+            index_version=idx.version,
+            cached=cached,
+            results=results,
+        )
 
     @staticmethod
-    def _search_all(idx: ItemIndex, targets: Sequence[str], vec: np.ndarray, k: int,
-                    exclude: set[int]) -> dict[str, list[tuple[int, float]]]:
+    def _search_all(
+        idx: ItemIndex, targets: Sequence[str], vec: np.ndarray, k: int, exclude: set[int]
+    ) -> dict[str, list[tuple[int, float]]]:
         q = vec.reshape(1, -1)
         return {d: idx.search(d, q, k, exclude)[0] for d in targets}
 
@@ -288,8 +354,12 @@ class Engine:
         text = self.template.render_item(it.domain, it.title)
         return f"{text} {it.extra_text}" if it.extra_text else text
 
-    async def _embed_items(self, items: Sequence[Item], job: JobStatus | None = None,
-                           reuse: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    async def _embed_items(
+        self,
+        items: Sequence[Item],
+        job: JobStatus | None = None,
+        reuse: dict[str, np.ndarray] | None = None,
+    ) -> np.ndarray:
         """Item vectors, reusing unchanged ones; length-sorted batches on the device thread."""
         assert self.batcher is not None
         texts = [self.item_text(it) for it in items]
@@ -310,7 +380,7 @@ class Engine:
         order = sorted(range(len(todo)), key=lambda j: len(ids[j]))
         bs = self.settings.embed_batch_size
         for start in range(0, len(order), bs):
-            chunk = order[start: start + bs]
+            chunk = order[start : start + bs]
             vecs = await self.batcher.run_on_device(self.encoder.core, [ids[j] for j in chunk])
             out[[todo[j] for j in chunk]] = vecs
             if job is not None:
@@ -320,14 +390,26 @@ class Engine:
 
     def _build_and_save(self, items: Sequence[Item], vectors: np.ndarray) -> ItemIndex:
         s = self.settings
-        index = ItemIndex.build(items, vectors, self.model_version, kind=s.index_kind,
-                                hnsw_m=s.hnsw_m, ef_search=s.hnsw_ef_search, use_gpu=s.faiss_gpu)
+        index = ItemIndex.build(
+            items,
+            vectors,
+            self.model_version,
+            kind=s.index_kind,
+            hnsw_m=s.hnsw_m,
+            ef_search=s.hnsw_ef_search,
+            use_gpu=s.faiss_gpu,
+        )
         self.index_store.save(index)
         return index
 
-    def submit_reindex(self, mode: str, items: list[Item] | None = None,
-                       item_ids: list[str] | None = None, upload: tuple[bytes, str] | None = None,
-                       path: Path | None = None) -> JobStatus:
+    def submit_reindex(
+        self,
+        mode: str,
+        items: list[Item] | None = None,
+        item_ids: list[str] | None = None,
+        upload: tuple[bytes, str] | None = None,
+        path: Path | None = None,
+    ) -> JobStatus:
         """Start a background reindex job; 409 while another one is queued or running.
 
         ``path`` is a catalogue file already resolved inside ``catalog_dir`` (see
@@ -336,18 +418,24 @@ class Engine:
             raise NotReady("the service is not ready")
         active = [j for j in self.jobs.values() if j.state in ("queued", "running")]
         if active:
-            raise Conflict(f"reindex job {active[0].job_id} is still {active[0].state}; "
-                           "retry when it has finished",
-                           details={"job_id": active[0].job_id}, headers={"Retry-After": "5"})
+            raise Conflict(
+                f"reindex job {active[0].job_id} is still {active[0].state}; "
+                "retry when it has finished",
+                details={"job_id": active[0].job_id},
+                headers={"Retry-After": "5"},
+            )
         if items is not None:
             check_unique(items)
         if mode == "delete" and item_ids is not None:
             unknown = [i for i in item_ids if i not in self.index.by_id]
             if unknown:
-                raise ValidationFailed(f"cannot delete unknown item ids {unknown[:10]}",
-                                       details={"field": "item_ids", "unknown": unknown[:100]})
-        job = JobStatus(job_id=uuid.uuid4().hex[:12], mode=mode, state="queued",
-                        created_at=time.time())
+                raise ValidationFailed(
+                    f"cannot delete unknown item ids {unknown[:10]}",
+                    details={"field": "item_ids", "unknown": unknown[:100]},
+                )
+        job = JobStatus(
+            job_id=uuid.uuid4().hex[:12], mode=mode, state="queued", created_at=time.time()
+        )
         self.jobs[job.job_id] = job
         while len(self.jobs) > 100:
             self.jobs.popitem(last=False)
@@ -362,9 +450,14 @@ class Engine:
             raise NotFound(f"no reindex job {job_id!r}", details={"job_id": job_id})
         return self.jobs[job_id]
 
-    async def _run_job(self, job: JobStatus, items: list[Item] | None,
-                       item_ids: list[str] | None, upload: tuple[bytes, str] | None,
-                       path: Path | None = None) -> None:
+    async def _run_job(
+        self,
+        job: JobStatus,
+        items: list[Item] | None,
+        item_ids: list[str] | None,
+        upload: tuple[bytes, str] | None,
+        path: Path | None = None,
+    ) -> None:
         async with self._write_lock:
             job.state = "running"
             try:
@@ -376,7 +469,8 @@ class Engine:
 
                     data, fmt = upload
                     items = await asyncio.to_thread(
-                        parse_catalog, data, fmt, "upload", self.settings.max_upload_rows)
+                        parse_catalog, data, fmt, "upload", self.settings.max_upload_rows
+                    )
                 old = self.index
                 assert old is not None
                 new_items = self._merge(old, job.mode, items, item_ids)
@@ -390,8 +484,13 @@ class Engine:
                 job.state = "succeeded"
                 job.progress = 1.0
                 self.metrics.reindex_jobs.labels("succeeded").inc()
-                log.info("reindex %s (%s) done: index %s, %d items", job.job_id, job.mode,
-                         index.version, len(new_items))
+                log.info(
+                    "reindex %s (%s) done: index %s, %d items",
+                    job.job_id,
+                    job.mode,
+                    index.version,
+                    len(new_items),
+                )
             except asyncio.CancelledError:
                 job.state, job.error = "failed", "cancelled (shutdown)"
                 raise
@@ -399,14 +498,16 @@ class Engine:
                 job.state = "failed"
                 job.error = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
                 self.metrics.reindex_jobs.labels("failed").inc()
-                log.error("reindex %s failed; the previous index keeps serving: %s",
-                          job.job_id, job.error)
+                log.error(
+                    "reindex %s failed; the previous index keeps serving: %s", job.job_id, job.error
+                )
             finally:
                 job.finished_at = time.time()
 
     @staticmethod
-    def _merge(old: ItemIndex, mode: str, items: list[Item] | None,
-               item_ids: list[str] | None) -> list[Item]:
+    def _merge(
+        old: ItemIndex, mode: str, items: list[Item] | None, item_ids: list[str] | None
+    ) -> list[Item]:
         if mode == "full":
             return list(items or [])
         if mode == "upsert":

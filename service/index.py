@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import faiss
 import numpy as np
@@ -44,8 +44,12 @@ class Item:
     popularity: float = 0.0
 
     def to_json(self) -> dict[str, object]:
-        d: dict[str, object] = {"item_id": self.item_id, "domain": self.domain, "title": self.title,
-                                "popularity": self.popularity}
+        d: dict[str, object] = {
+            "item_id": self.item_id,
+            "domain": self.domain,
+            "title": self.title,
+            "popularity": self.popularity,
+        }
         if self.extra_text:
             d["extra_text"] = self.extra_text
         return d
@@ -54,8 +58,11 @@ class Item:
 _SEARCH_THREADS = 0  # OpenMP threads per search call; 0 = faiss' default (all cores)
 
 
-def configure_faiss(blas_threshold: int | None = None, database_bs: int | None = None,
-                    search_threads: int | None = None) -> None:
+def configure_faiss(
+    blas_threshold: int | None = None,
+    database_bs: int | None = None,
+    search_threads: int | None = None,
+) -> None:
     """Route batched searches through BLAS (faiss' default threshold of 20 queries keeps batches
     of 16 on the slow path), and cap the OpenMP threads of each search (see ``search``)."""
     global _SEARCH_THREADS
@@ -69,12 +76,11 @@ def configure_faiss(blas_threshold: int | None = None, database_bs: int | None =
 
 def _new_faiss(dim: int, kind: IndexKind, hnsw_m: int, ef_search: int) -> faiss.Index:
     if kind == "flat":
-        base = faiss.IndexFlatIP(dim)
-    else:
-        base = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        base.hnsw.efConstruction = max(40, 2 * hnsw_m)
-        base.hnsw.efSearch = ef_search
-    return faiss.IndexIDMap2(base)
+        return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    hnsw = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+    hnsw.hnsw.efConstruction = max(40, 2 * hnsw_m)
+    hnsw.hnsw.efSearch = ef_search
+    return faiss.IndexIDMap2(hnsw)
 
 
 def gpu_available() -> bool:
@@ -114,7 +120,8 @@ class ItemIndex:
         if len(items) != vectors.shape[0]:
             raise ValueError(f"{len(items)} items but {vectors.shape[0]} vectors")
         self = cls(
-            version=version or time.strftime("i%Y%m%d-%H%M%S-", time.gmtime()) + uuid.uuid4().hex[:6],
+            version=version
+            or time.strftime("i%Y%m%d-%H%M%S-", time.gmtime()) + uuid.uuid4().hex[:6],
             model_version=model_version,
             items=list(items),
             vectors=np.ascontiguousarray(vectors, dtype=np.float32),
@@ -126,7 +133,9 @@ class ItemIndex:
                 raise ValueError(f"duplicate item_id {it.item_id!r}")
             self.by_id[it.item_id] = row
         # (domain, casefolded title) -> row: a history given as titles is excluded too.
-        self.by_title = {(it.domain, normalise_title(it.title).casefold()): r for r, it in enumerate(self.items)}
+        self.by_title = {
+            (it.domain, normalise_title(it.title).casefold()): r for r, it in enumerate(self.items)
+        }
         domains: dict[str, list[int]] = {}
         for row, it in enumerate(self.items):
             domains.setdefault(it.domain, []).append(row)
@@ -187,8 +196,11 @@ class ItemIndex:
         scores, ids = self.indexes[domain].search(q, fetch)  # [Q, fetch] each
         out: list[list[tuple[int, float]]] = []
         for srow, irow in zip(scores, ids, strict=True):
-            hits = [(int(i), float(s)) for s, i in zip(srow, irow, strict=True)
-                    if i >= 0 and int(i) not in excl]
+            hits = [
+                (int(i), float(s))
+                for s, i in zip(srow, irow, strict=True)
+                if i >= 0 and int(i) not in excl
+            ]
             out.append(hits[:k])
         return out
 
@@ -214,10 +226,17 @@ class ItemIndex:
                 faiss.write_index(cpu, str(tmp / fname))
                 domain_files[d] = fname
             files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-            manifest = {"version": self.version, "model_version": self.model_version,
-                        "kind": self.kind, "dim": self.dim, "n_items": len(self.items),
-                        "domains": domain_files, "created_at": self.created_at, "files": files,
-                        "complete": True}
+            manifest = {
+                "version": self.version,
+                "model_version": self.model_version,
+                "kind": self.kind,
+                "dim": self.dim,
+                "n_items": len(self.items),
+                "domains": domain_files,
+                "created_at": self.created_at,
+                "files": files,
+                "complete": True,
+            }
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
             for p in tmp.iterdir():
                 with open(p, "rb") as fh:
@@ -237,7 +256,9 @@ class ItemIndex:
         try:
             manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise ArtifactError(f"{path / 'manifest.json'}: unreadable ({exc})", "manifest.json") from exc
+            raise ArtifactError(
+                f"{path / 'manifest.json'}: unreadable ({exc})", "manifest.json"
+            ) from exc
         if not manifest.get("complete"):
             raise ArtifactError(f"{path}: index is not marked complete", "manifest.json")
         verify_files(path, manifest["files"])
@@ -245,15 +266,31 @@ class ItemIndex:
         with open(path / "items.jsonl", encoding="utf-8") as fh:
             for line in fh:
                 d = json.loads(line)
-                items.append(Item(d["item_id"], d["domain"], d["title"], d.get("extra_text"),
-                                  float(d.get("popularity", 0.0))))
+                items.append(
+                    Item(
+                        d["item_id"],
+                        d["domain"],
+                        d["title"],
+                        d.get("extra_text"),
+                        float(d.get("popularity", 0.0)),
+                    )
+                )
         vectors = np.load(path / "vectors.npy")
         indexes = {d: faiss.read_index(str(path / f)) for d, f in manifest["domains"].items()}
         if ef_search is not None and manifest["kind"] == "hnsw":
             for idx in indexes.values():
-                faiss.downcast_index(faiss.downcast_index(idx).index).hnsw.efSearch = ef_search
-        return cls.build(items, vectors, manifest["model_version"], kind=manifest["kind"],
-                         version=manifest["version"], use_gpu=use_gpu, indexes=indexes)
+                idmap: Any = faiss.downcast_index(idx)
+                inner: Any = faiss.downcast_index(idmap.index)
+                inner.hnsw.efSearch = ef_search
+        return cls.build(
+            items,
+            vectors,
+            manifest["model_version"],
+            kind=manifest["kind"],
+            version=manifest["version"],
+            use_gpu=use_gpu,
+            indexes=indexes,
+        )
 
 
 class IndexStore:
@@ -276,10 +313,19 @@ class IndexStore:
         versions = self.root / "versions"
         if not versions.is_dir():
             return []
-        all_dirs = sorted((p for p in versions.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                          key=lambda p: p.stat().st_mtime, reverse=True)
-        current = (self.root / "CURRENT").read_text().strip() if (self.root / "CURRENT").is_file() else None
-        ordered = [p for p in all_dirs if p.name == current] + [p for p in all_dirs if p.name != current]
+        all_dirs = sorted(
+            (p for p in versions.iterdir() if p.is_dir() and not p.name.startswith(".")),
+            key=lambda p: p.stat().st_mtime,
+            reverse=True,
+        )
+        current = (
+            (self.root / "CURRENT").read_text().strip()
+            if (self.root / "CURRENT").is_file()
+            else None
+        )
+        ordered = [p for p in all_dirs if p.name == current] + [
+            p for p in all_dirs if p.name != current
+        ]
         return ordered
 
     def load_latest(self, use_gpu: bool = False, ef_search: int | None = None) -> ItemIndex | None:
@@ -297,6 +343,6 @@ class IndexStore:
         self.prune(protect=index.version)
 
     def prune(self, protect: str) -> None:
-        for path in self.candidates()[self.keep:]:
+        for path in self.candidates()[self.keep :]:
             if path.name != protect:
                 shutil.rmtree(path, ignore_errors=True)

@@ -74,7 +74,9 @@ class ReindexRequest(_Strict):
     items: list[CatalogItem] | None = Field(default=None, description="For full and upsert.")
     item_ids: list[str] | None = Field(default=None, description="For delete.")
     path: str | None = Field(
-        default=None, min_length=1, max_length=1024,
+        default=None,
+        min_length=1,
+        max_length=1024,
         description="For full and upsert instead of items: a JSONL/CSV file relative to the "
         "server's CPREC_CATALOG_DIR (off unless configured).",
     )
@@ -119,7 +121,8 @@ class ErrorEnvelope(BaseModel):
 # Declared on every route so the OpenAPI schema describes the responses clients really get (and
 # a schema fuzz can check them); replaces FastAPI's default 422 body, which this API never sends.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorEnvelope, "description": why} for status, why in (
+    status: {"model": ErrorEnvelope, "description": why}
+    for status, why in (
         (401, "Missing bearer token (admin routes)."),
         (403, "Wrong token, or admin routes disabled (no CPREC_ADMIN_TOKEN)."),
         (404, "Unknown job or route."),

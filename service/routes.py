@@ -47,8 +47,10 @@ async def reindex_upload(
     limit = engine.settings.max_upload_bytes
     data = await file.read(limit + 1)
     if len(data) > limit:
-        raise PayloadTooLarge(f"upload exceeds {limit} bytes (max_upload_bytes)",
-                              details={"field": "file", "limit": limit})
+        raise PayloadTooLarge(
+            f"upload exceeds {limit} bytes (max_upload_bytes)",
+            details={"field": "file", "limit": limit},
+        )
     name = (file.filename or "").lower()
     ctype = (file.content_type or "").lower()
     if name.endswith(".csv") or "csv" in ctype:
@@ -56,8 +58,9 @@ async def reindex_upload(
     elif name.endswith((".jsonl", ".ndjson", ".json")) or "json" in ctype:
         fmt = "jsonl"
     else:
-        raise ValidationFailed("cannot tell the upload's format: name it .jsonl or .csv",
-                               details={"field": "file"})
+        raise ValidationFailed(
+            "cannot tell the upload's format: name it .jsonl or .csv", details={"field": "file"}
+        )
     return engine.submit_reindex(mode, upload=(data, fmt))
 
 
@@ -76,12 +79,19 @@ async def live() -> dict[str, str]:
 async def ready(engine: EngineDep) -> JSONResponse:
     """200 once the model and index are loaded and warmed; 503 while loading or draining."""
     if engine.ready and engine.index is not None:
-        return JSONResponse({"status": "ready", "model_version": engine.model_version,
-                             "index_version": engine.index.version,
-                             "domains": {d: engine.index.size(d) for d in engine.index.domains}})
+        return JSONResponse(
+            {
+                "status": "ready",
+                "model_version": engine.model_version,
+                "index_version": engine.index.version,
+                "domains": {d: engine.index.size(d) for d in engine.index.domains},
+            }
+        )
     reason = "draining" if engine.draining else (engine.startup_error or "loading")
-    return JSONResponse({"error": {"code": "not_ready", "message": f"not ready: {reason}",
-                                   "details": None}}, status_code=503)
+    return JSONResponse(
+        {"error": {"code": "not_ready", "message": f"not ready: {reason}", "details": None}},
+        status_code=503,
+    )
 
 
 @router.get("/metrics", tags=["ops"], response_class=PlainTextResponse)  # declared text/plain

@@ -19,8 +19,9 @@ class Settings(BaseSettings):
 
     # hide_input_in_errors: a refused value (e.g. a weak admin token) is never echoed into the
     # validation error that start-up prints.
-    model_config = SettingsConfigDict(env_prefix="CPREC_", extra="ignore", frozen=True,
-                                      hide_input_in_errors=True)
+    model_config = SettingsConfigDict(
+        env_prefix="CPREC_", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     env: Literal["development", "production"] = Field(
         default="development",
@@ -46,7 +47,9 @@ class Settings(BaseSettings):
         description="auto | float32 | bfloat16 | float16. auto = bf16 on CUDA and on CPUs with "
         "native bf16 (2x faster, cosine 0.9999 to fp32), else fp32.",
     )
-    max_length: int = Field(default=256, ge=8, le=8192, description="Tokens per text (user or item).")
+    max_length: int = Field(
+        default=256, ge=8, le=8192, description="Tokens per text (user or item)."
+    )
     history_max_items: int = Field(
         default=20, ge=1, le=1000, description="Most recent history items written into user text."
     )
@@ -62,10 +65,14 @@ class Settings(BaseSettings):
         '({"path": "x.jsonl"}); ".." and absolute paths, and symlinks leaving it, are refused.',
     )
     # batching
-    batching: bool = Field(default=True, description="Coalesce concurrent encodes into one forward.")
+    batching: bool = Field(
+        default=True, description="Coalesce concurrent encodes into one forward."
+    )
     max_batch_size: int = Field(default=32, ge=1, le=1024)
     max_wait_ms: float = Field(
-        default=2.0, ge=0, le=1000,
+        default=2.0,
+        ge=0,
+        le=1000,
         description="How long the first request of a batch waits for company; adds at most this "
         "much latency when idle.",
     )
@@ -74,7 +81,8 @@ class Settings(BaseSettings):
     )
     queue_size: int = Field(default=256, ge=1, description="Pending encodes before 429.")
     batch_max_padding: float | None = Field(
-        default=None, ge=0,
+        default=None,
+        ge=0,
         description="Padded tokens allowed per forward, as a fraction of the real tokens; a "
         "coalesced batch is then length-sorted and split into forwards that respect it. Unset = "
         "one forward per batch: on the shared 2-core CPU, bench/serve.py measured one padded "
@@ -107,7 +115,9 @@ class Settings(BaseSettings):
     hnsw_ef_search: int = Field(default=128, ge=8, le=4096)
     faiss_gpu: bool = Field(default=True, description="Move indexes to the GPU when possible.")
     faiss_search_threads: int = Field(
-        default=1, ge=0, le=1024,
+        default=1,
+        ge=0,
+        le=1024,
         description="OpenMP threads per search call (0 = faiss default, all cores). One keeps a "
         "single-user search from fighting the encoder's threads for the same cores.",
     )

@@ -186,3 +186,16 @@ def test_hnsw_recall_at_10_vs_exact(tmp_path: Path) -> None:
     back = ItemIndex.load(approx.save(tmp_path), ef_search=64)
     assert back.kind == "hnsw"
     assert back.search("D", qs[:20], 10) == approx.search("D", qs[:20], 10)
+
+
+def test_jsonl_catalogue_keeps_titles_with_unicode_line_separators():
+    """U+2028/U+0085 are legal inside JSON strings; only "\\n" separates JSONL rows."""
+    import json
+
+    from service.catalog import parse_catalog
+
+    rows = [{"item_id": "a", "domain": "D", "title": "first\u2028part"},
+            {"item_id": "b", "domain": "D", "title": "x\x85y"}]
+    data = "\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode()
+    items = parse_catalog(data, "jsonl")
+    assert [it.item_id for it in items] == ["a", "b"]
