@@ -8,7 +8,9 @@ works too; its pooling is chosen by architecture (decoders: last token, encoders
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -65,9 +67,20 @@ def bundled_dir(name: str, cache_dir: Path) -> Path:
         return pkg / "model"
     target = Path(cache_dir) / "bases" / name
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        _drop_quantization_config(target / "config.json")
         return target
     _convert_gguf(pkg, SMOLLM_GGUF, target)
     return target
+
+
+def _drop_quantization_config(config_file: Path) -> None:
+    """Repair a folder converted by an older cprec that kept the GGUF quantization_config."""
+    data = json.loads(config_file.read_text(encoding="utf-8"))
+    if "quantization_config" in data:
+        data.pop("quantization_config")
+        tmp = config_file.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+        os.replace(tmp, config_file)
 
 
 def _convert_gguf(pkg_dir: Path, gguf_file: str, target: Path) -> None:
@@ -81,7 +94,12 @@ def _convert_gguf(pkg_dir: Path, gguf_file: str, target: Path) -> None:
     log.info("converting %s to safetensors in %s (once)", gguf_file, target)
     tok = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=gguf_file)
     quant = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=gguf_file)
-    plain = AutoModelForCausalLM.from_config(quant.config)
+    cfg = copy.deepcopy(quant.config)
+    # The GGUF loader records a quantization_config; left in, the plain copy would be flagged
+    # quantised again on its next load and refuse save_pretrained (e.g. when training merges LoRA).
+    if hasattr(cfg, "quantization_config"):
+        delattr(cfg, "quantization_config")
+    plain = AutoModelForCausalLM.from_config(cfg)
     missing, unexpected = plain.load_state_dict(quant.state_dict(), strict=False)
     if unexpected or [m for m in missing if "lm_head" not in m]:
         raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")

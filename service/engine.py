@@ -8,6 +8,7 @@ swap in the middle of a request never mixes two catalogues. One lock serialises 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import time
 import uuid
@@ -98,6 +99,18 @@ def load_model(settings: Settings) -> LoadedModel:
     return LoadedModel(enc, version, Template(max_items=settings.history_max_items))
 
 
+def release_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc's malloc_trim).
+
+    A reindex allocates many differently shaped batches; glibc keeps the freed pages in its
+    arenas, so RSS would stay at the job's peak. A no-op where glibc is not the allocator.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class Engine:
     def __init__(
         self,
@@ -186,6 +199,8 @@ class Engine:
             items = await asyncio.to_thread(load_catalog_file, Path(s.catalog_path))
             vectors = await self._embed_items(items)
             index = await asyncio.to_thread(self._build_and_save, items, vectors)
+            del items, vectors
+            release_memory()
         self._install(index)
         self.ready = True
         self.metrics.ready.set(1)
@@ -503,6 +518,9 @@ class Engine:
                 )
             finally:
                 job.finished_at = time.time()
+                # Drop the old snapshot and the job's buffers before trimming the heap.
+                old = items = upload = None  # type: ignore[assignment]
+                release_memory()
 
     @staticmethod
     def _merge(
