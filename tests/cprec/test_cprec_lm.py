@@ -75,8 +75,12 @@ def test_decoder_appends_eos_after_truncation(llama_tok) -> None:  # type: ignor
 def test_collate_right_pads_with_mask(llama_tok) -> None:  # type: ignore[no-untyped-def]
     tt = TextTokenizer(llama_tok, max_length=32, is_decoder=True)
     ids, mask = tt.collate([[5, 6, 7], [8]])
-    assert ids.tolist() == [[5, 6, 7], [8, tt.pad_id, tt.pad_id]]
-    assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    # width bucketed up to a multiple of PAD_MULTIPLE (8): fewer shapes for oneDNN / tensor cores
+    p = tt.pad_id
+    assert ids.tolist() == [[5, 6, 7] + [p] * 5, [8] + [p] * 7]
+    assert mask.tolist() == [[1, 1, 1] + [0] * 5, [1] + [0] * 7]
+    wide, _ = tt.collate([[1] * 9])
+    assert wide.shape == (1, 16)
     assert ids.dtype == mask.dtype == torch.long
 
 
