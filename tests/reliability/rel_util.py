@@ -7,8 +7,6 @@ shared one for ``from conftest import ...`` elsewhere. The shared fixtures (``ap
 
 from __future__ import annotations
 
-import asyncio
-import shutil
 import socket
 import subprocess
 import time
@@ -18,6 +16,9 @@ from typing import Any
 
 import httpx
 import numpy as np
+from testutil import free_port as free_port  # re-exported
+from testutil import redis_binary as redis_binary  # re-exported
+from testutil import wait_job as _wait_job
 
 from service.encoder import FakeEncoder
 
@@ -29,22 +30,11 @@ def admin(token: str = TOKEN) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def wait_job(client: httpx.AsyncClient, job_id: str, timeout: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        r = await client.get(f"/items/reindex/{job_id}", headers=admin())
-        assert r.status_code == 200, r.text
-        body = r.json()
-        if body["state"] in ("succeeded", "failed"):
-            return body
-        assert time.monotonic() < deadline, f"job {job_id} still {body['state']}"
-        await asyncio.sleep(0.02)
+    return await _wait_job(client, job_id, admin(), timeout)
+
 
 
 class SlowEncoder(FakeEncoder):
@@ -59,8 +49,6 @@ class SlowEncoder(FakeEncoder):
         return super().core(batch)
 
 
-def redis_binary() -> str | None:
-    return shutil.which("redis-server")
 
 
 def _pong(port: int) -> bool:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import socket
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+from testutil import free_port as free_port  # re-exported for the service tests
+from testutil import wait_job as _wait_job
 
 ADMIN_TOKEN = "test-admin-token-123"
 
@@ -33,10 +32,6 @@ CATALOG: list[dict[str, Any]] = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
@@ -49,12 +44,4 @@ def admin() -> dict[str, str]:
 
 
 async def wait_job(client: httpx.AsyncClient, job_id: str, timeout: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        r = await client.get(f"/items/reindex/{job_id}", headers=admin())
-        assert r.status_code == 200, r.text
-        body = r.json()
-        if body["state"] in ("succeeded", "failed"):
-            return body
-        assert time.monotonic() < deadline, f"job {job_id} still {body['state']}"
-        await asyncio.sleep(0.02)
+    return await _wait_job(client, job_id, admin(), timeout)
