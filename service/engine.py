@@ -125,6 +125,7 @@ class Engine:
         self._encoder = encoder
         self.model_version = model_version or (f"injected-{encoder.name}" if encoder else "")
         self.template = template or Template(max_items=settings.history_max_items)
+        self._cache_namespace = ""  # set in start(), once the model is known
         self._cache = cache
         self.index: ItemIndex | None = None
         self.batcher: Batcher | None = None
@@ -162,6 +163,9 @@ class Engine:
                 loaded.version,
                 loaded.template,
             )
+        # Model version + template hash, computed once: a model or template change makes every
+        # old cache entry unreachable without a flush.
+        self._cache_namespace = f"{self.model_version}:{self.template.fingerprint()}"
         if self._cache is None:
             if s.redis_url:
                 self._cache = RedisCache(
@@ -296,9 +300,7 @@ class Engine:
 
     async def user_vector(self, text: str) -> tuple[np.ndarray, bool]:
         """The user vector and whether it came from the cache."""
-        key = cache_key(
-            self.settings.redis_prefix, f"{self.model_version}:{self.template.fingerprint()}", text
-        )
+        key = cache_key(self.settings.redis_prefix, self._cache_namespace, text)
         vec = await self.cache.get(key)
         if vec is not None and vec.shape == (self.encoder.dim,):
             self.metrics.cache.labels("hit").inc()

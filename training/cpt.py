@@ -91,21 +91,6 @@ def make_accelerator(device: str, grad_accum: int):  # type: ignore[no-untyped-d
     )
 
 
-def plain_config(model_dir: Path):  # type: ignore[no-untyped-def]
-    """The HF config without a stale ``quantization_config``.
-
-    ``cprec.lm`` converts the bundled SmolLM2 GGUF into plain fp32 safetensors, but the config it
-    writes still names the GGUF quantizer; transformers then flags the model as quantized and
-    refuses ``save_pretrained``. The weights are plain, so the entry is dropped here.
-    """
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(model_dir)
-    if getattr(cfg, "quantization_config", None) is not None:
-        del cfg.quantization_config
-    return cfg
-
-
 def stage_key(obj: dict) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -170,7 +155,7 @@ def _collate(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def run_cpt(cfg: TrainConfig, base_dir: Path, chunks: list[Chunk], out_dir: Path) -> StageResult:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from cprec.lm import is_decoder_config
 
@@ -193,7 +178,7 @@ def run_cpt(cfg: TrainConfig, base_dir: Path, chunks: list[Chunk], out_dir: Path
             return StageResult(out_dir / "model", prev)
     if not chunks:
         raise ValueError("cpt: the corpus is empty")
-    if not is_decoder_config(plain_config(base_dir)):
+    if not is_decoder_config(AutoConfig.from_pretrained(base_dir)):
         raise ValueError(
             f"cpt: {base_dir} is not a decoder; next-token CPT needs a decoder "
             "(set cpt.enabled=false to fine-tune an encoder directly)"
@@ -204,9 +189,7 @@ def run_cpt(cfg: TrainConfig, base_dir: Path, chunks: list[Chunk], out_dir: Path
     tok = AutoTokenizer.from_pretrained(base_dir)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(
-        base_dir, config=plain_config(base_dir), dtype=torch.float32
-    )
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False

@@ -41,7 +41,6 @@ from training.cpt import (
     apply_lora,
     count_params,
     make_accelerator,
-    plain_config,
     plot_curves,
     save_merged,
     write_log,
@@ -247,11 +246,7 @@ def load_dual_encoder(
 
     device = device or resolve_device(cfg.model.device)
     dtype = resolve_dtype(cfg.model.dtype, device)  # auto: bf16 on CUDA, as the service does
-    model = (
-        AutoModel.from_pretrained(model_dir, config=plain_config(model_dir), dtype=dtype)
-        .to(device)
-        .eval()
-    )
+    model = AutoModel.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     is_dec = is_decoder_config(model.config)
     tt = TextTokenizer(load_tokenizer(model_dir), cfg.model.max_length, is_dec)
     residual = seen = None
@@ -285,7 +280,7 @@ def run_finetune(cfg: TrainConfig, base_dir: Path, data: LoadedData, out_dir: Pa
     acc = make_accelerator(cfg.model.device, 1)
     device = acc.device
     tok = load_tokenizer(base_dir)
-    model = AutoModel.from_pretrained(base_dir, config=plain_config(base_dir), dtype=torch.float32)
+    model = AutoModel.from_pretrained(base_dir, dtype=torch.float32)
     is_dec = is_decoder_config(model.config)
     pooling: Pooling = "last" if is_dec else "mean"
     if cfg.model.gradient_checkpointing:
