@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -277,7 +278,7 @@ def run_finetune(cfg: TrainConfig, base_dir: Path, data: LoadedData, out_dir: Pa
     f = cfg.finetune
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(f.seed)
-    acc = make_accelerator(cfg.model.device, 1)
+    acc = make_accelerator(cfg.model.device, 1, cfg.model.train_precision)
     device = acc.device
     tok = load_tokenizer(base_dir)
     model = AutoModel.from_pretrained(base_dir, dtype=torch.float32)
@@ -289,6 +290,8 @@ def run_finetune(cfg: TrainConfig, base_dir: Path, data: LoadedData, out_dir: Pa
             model.enable_input_require_grads()
     if f.lora.enabled:
         model = apply_lora(model, f.lora, "FEATURE_EXTRACTION")
+    elif f.freeze_layers:
+        freeze_bottom(model, f.freeze_layers)
     n_train, n_total = count_params(model)
     residual = seen = None
     params = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": f.lr}]
@@ -350,7 +353,7 @@ def run_finetune(cfg: TrainConfig, base_dir: Path, data: LoadedData, out_dir: Pa
         cand, labels_list = build_candidates(batch, dom_pool, f.domain_negatives, rng)
         users = enc.users([ex.history for ex in batch])  # [B, D]
         items = enc.items(cand)  # [M, D]
-        logits = users @ items.T / f.temperature  # [B, M]
+        logits = users.float() @ items.float().T / f.temperature  # [B, M]; fp32 under autocast
         labels = torch.tensor(labels_list, device=device)
         loss = F.cross_entropy(logits, labels)
         acc.backward(loss)
@@ -449,6 +452,23 @@ def run_finetune(cfg: TrainConfig, base_dir: Path, data: LoadedData, out_dir: Pa
         summary["best_valid_ndcg10"],
     )
     return StageResult(model_dir, summary)
+
+
+_LAYER = re.compile(r"(?:^|\.)(?:layer|layers|h)\.(\d+)\.")
+
+
+def freeze_bottom(model, n: int) -> int:  # type: ignore[no-untyped-def]
+    """Fix the embeddings and transformer layers 0..n-1 (BERT ``encoder.layer.i``, Llama
+    ``layers.i``, GPT ``h.i``); returns how many parameters were frozen."""
+    frozen = 0
+    for name, p in model.named_parameters():
+        m = _LAYER.search(name)
+        if ("embed" in name and m is None) or (m is not None and int(m.group(1)) < n):
+            p.requires_grad_(False)
+            frozen += p.numel()
+    if frozen == 0:
+        raise ValueError(f"finetune.freeze_layers={n}: no embedding or layer parameter matched")
+    return frozen
 
 
 def _trainable_state(model, residual) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]

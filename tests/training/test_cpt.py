@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 from train_util import build_tiny_llama, tiny_config, toy_data
@@ -78,10 +79,60 @@ def test_resume_replays_the_same_run(tmp_path, llama, monkeypatch):
     assert loss(a) == pytest.approx(loss(b), rel=1e-4)  # same batches, same updates
 
 
-def test_encoder_refused(tmp_path):
+def test_mlm_masking_rule():
+    import torch
+    from transformers import AutoTokenizer
+
+    from cprec.lm import bundled_dir
+    from training.cpt import _collate, mask_tokens
+
+    tok = AutoTokenizer.from_pretrained(bundled_dir("minilm-l6", Path("var/store")))
+    seqs = [tok("Food: coffee beans; Kitchen: burr grinder " * 8)["input_ids"], [101, 2000, 102]]
+    batch = _collate(seqs, tok.pad_token_id)
+    a = mask_tokens(batch, tok, torch.Generator().manual_seed(1))
+    b = mask_tokens(batch, tok, torch.Generator().manual_seed(1))
+    assert torch.equal(a["input_ids"], b["input_ids"])  # seeded: resumable runs replay masks
+    target = a["labels"] != -100
+    special = torch.isin(batch["input_ids"], torch.tensor(tok.all_special_ids))
+    assert not (target & special).any() and not (target & (batch["attention_mask"] == 0)).any()
+    assert torch.equal(a["labels"][target], batch["input_ids"][target])  # labels = originals
+    eligible = int(((batch["attention_mask"] == 1) & ~special).sum())
+    assert 0.05 * eligible < int(target.sum()) < 0.3 * eligible
+    # unchanged outside the targets; most targets become [MASK]
+    assert torch.equal(a["input_ids"][~target], batch["input_ids"][~target])
+    assert (a["input_ids"][target] == tok.mask_token_id).float().mean() > 0.5
+
+
+def test_mlm_cpt_on_an_encoder(tmp_path):
+    """Encoder-only bases get masked-language modelling; the result loads as a plain encoder."""
+    from train_util import build_tiny_bert
+    from transformers import AutoModel
+
+    bert = build_tiny_bert(tmp_path / "bert")
+    cfg = tiny_config(
+        tmp_path, bert, "cpt.steps=30", "cpt.lr=5.0e-3", "cpt.lora.enabled=false", "cpt.log_every=5"
+    )
+    res = run_cpt(cfg, bert, _corpus(cfg, bert), tmp_path / "cpt")
+    s = res.summary
+    assert s["objective"] == "mlm"
+    assert s["final_loss"] < s["first_loss"] * 0.8, s
+    enc = AutoModel.from_pretrained(res.model_dir)
+    assert type(enc).__name__ == "BertModel"
+    base = AutoModel.from_pretrained(bert)
+    changed = [
+        n
+        for n, p in enc.named_parameters()
+        if n in dict(base.named_parameters()) and not p.equal(dict(base.named_parameters())[n])
+    ]
+    assert any(n.startswith("encoder.") for n in changed)  # the encoder itself was trained
+
+
+def test_mlm_cpt_with_lora(tmp_path):
     from train_util import build_tiny_bert
 
     bert = build_tiny_bert(tmp_path / "bert")
-    cfg = tiny_config(tmp_path, bert)
-    with pytest.raises(ValueError, match="not a decoder"):
-        run_cpt(cfg, bert, _corpus(cfg, bert), tmp_path / "cpt")
+    cfg = tiny_config(tmp_path, bert, "cpt.steps=4", "cpt.lora.enabled=true", "cpt.log_every=2")
+    res = run_cpt(cfg, bert, _corpus(cfg, bert), tmp_path / "cpt")
+    assert res.summary["objective"] == "mlm"
+    assert res.summary["trainable_params"] < res.summary["total_params"] / 2
+    assert not (res.model_dir / "adapter_config.json").exists()  # merged

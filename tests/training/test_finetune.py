@@ -68,3 +68,44 @@ def test_lora_and_item_residual(tmp_path, models):
     assert res.summary["item_id_residual"] is True
     assert (tmp_path / "ft" / "item_residual.safetensors").is_file()
     assert not (res.model_dir / "adapter_config.json").exists()  # LoRA merged
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_freeze_layers_keeps_the_bottom_fixed(tmp_path, models, arch):
+    from transformers import AutoModel
+
+    cfg = tiny_config(
+        tmp_path,
+        models[arch],
+        "finetune.steps=4",
+        "finetune.lr=5.0e-3",
+        "finetune.lora.enabled=false",
+        "finetune.freeze_layers=1",
+        "finetune.early_stopping=false",
+        "cpt.enabled=false",
+    )
+    res = run_finetune(cfg, models[arch], toy_data(), tmp_path / "ft")
+    before = dict(AutoModel.from_pretrained(models[arch]).named_parameters())
+    after = dict(AutoModel.from_pretrained(res.model_dir).named_parameters())
+    layer = "encoder.layer." if arch == "bert" else "layers."
+    same = {n for n in before if n in after and after[n].equal(before[n])}
+    assert all(n in same for n in before if n.startswith(layer + "0.") or "embed" in n)
+    assert any(n not in same for n in before if n.startswith(layer + "1."))  # top layer trained
+    assert res.summary["trainable_params"] < res.summary["total_params"]
+
+
+def test_freeze_layers_must_match(models):
+    from transformers import AutoModel
+
+    from training.finetune import freeze_bottom
+
+    m = AutoModel.from_pretrained(models["bert"])
+    assert freeze_bottom(m, 1) > 0
+    with pytest.raises(ValueError, match="no embedding or layer"):
+        freeze_bottom(torch_linear(), 1)
+
+
+def torch_linear():
+    import torch
+
+    return torch.nn.Linear(2, 2)
