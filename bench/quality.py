@@ -86,11 +86,12 @@ DEFAULT_SYSTEMS = {
     "budget": ["finetune-only", "cprec", "pop", "zeroshot-minilm", "sasrec"],
     "full": ALL_SYSTEMS,
 }
-ABLATIONS = ["cprec-cosine", "cprec-domain-only", "cprec-idres"]
 SKIP_REASON = {
-    ("budget", "zeroshot-smollm2"): "not in budget mode: a 135M decoder over the 36,298 item "
-    "titles (~0.9M tokens) takes far more than 30 min on 2 CPU cores (28 tok/s measured on the "
-    "shared machine); run `--full --systems zeroshot-smollm2`, ideally on a GPU",
+    ("budget", "zeroshot-smollm2"): "not in the budget: SmolLM2-135M embeds 1,062 tokens/s "
+    "(39 item titles/s) on these 2 idle cores (a one-off timing of 500 titles through "
+    "training.baselines.encode_texts, bf16), so the 36,298 item titles "
+    "(~0.8M tokens) take ~13 min and the 9,398 test histories (~1.6M tokens) ~25 min more; run "
+    "`--budget --systems zeroshot-smollm2` (~40 min) or `--full` on a GPU",
 }
 ZEROSHOT = {"zeroshot-minilm": "minilm-l6", "zeroshot-smollm2": "smollm2-135m"}
 
@@ -566,6 +567,56 @@ def print_table(mode: str, run: dict[str, Any], anchors: dict[str, Any]) -> None
             con.print(f"  {name}: {r.get('status')}: {r.get('reason', '')}", highlight=False)
 
 
+GOAL_BASELINES = [
+    "pop",
+    "zeroshot-minilm",
+    "zeroshot-minilm-mean10dom",
+    "zeroshot-smollm2",
+    "sasrec",
+]
+
+
+def goal_checks(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's goals, computed from the rows: ``cprec`` ahead of every baseline on Food,
+    Kitchen and overall micro NDCG@10, and ahead of ``finetune-only`` (CPT + WSA helps). On the
+    full test split when both rows cover it, else on the comparison set."""
+    rows = run["rows"]
+    me = rows.get("cprec", {})
+    out = []
+    if me.get("status") != "ok":
+        return out
+    for other in [*GOAL_BASELINES, "finetune-only"]:
+        r = rows.get(other, {})
+        if r.get("status") != "ok":
+            continue
+        key = "test_full" if "test_full" in me and "test_full" in r else "test_cmp"
+        cells = {
+            g: (me[key][g]["NDCG@10"], r[key][g]["NDCG@10"])
+            for g in ("Food", "Kitchen", "overall_micro")
+        }
+        out.append(
+            {
+                "vs": other,
+                "on": "full test" if key == "test_full" else "comparison set",
+                "cells": cells,
+                "ahead": all(a > b for a, b in cells.values()),
+            }
+        )
+    return out
+
+
+def goal_lines(run: dict[str, Any]) -> list[str]:
+    checks = goal_checks(run)
+    if not checks:
+        return []
+    lines = ["", "Goal checks (`cprec` NDCG@10 vs each row; Food / Kitchen / overall micro):"]
+    for c in checks:
+        cells = "; ".join(f"{g} {a:.4f} vs {b:.4f}" for g, (a, b) in c["cells"].items())
+        verdict = "ahead on all three" if c["ahead"] else "NOT ahead on all three"
+        lines.append(f"- vs `{c['vs']}` ({c['on']}): {verdict} ({cells})")
+    return lines
+
+
 def markdown(q: dict[str, Any]) -> str:
     lines = [
         START,
@@ -585,7 +636,8 @@ def markdown(q: dict[str, Any]) -> str:
         if not run:
             continue
         dev = run.get("device", {})
-        invs = run.get("invocations") or [run]
+        sources = {r.get("command") for r in run["rows"].values() if r.get("status") == "ok"}
+        invs = [i for i in run.get("invocations") or [run] if i["command"] in sources] or [run]
         lines += [
             f"### {mode} mode",
             "",
@@ -634,6 +686,7 @@ def markdown(q: dict[str, Any]) -> str:
                 )
         if notes:
             lines += ["", "Per row (status, stages, scorer checks):", *notes]
+        lines += goal_lines(run)
         anchors = q.get("anchors", {}).get(mode, {})
         if anchors:
             lines += [
