@@ -101,6 +101,12 @@ def render() -> str:
     loads = ", ".join(
         f"{n} {r['loadavg_at_start']} ({r['created_at']})" for n, r in s.get("runs", {}).items()
     )
+    peak = max((r["loadavg_at_start"] for r in s.get("runs", {}).values()), default=0.0)
+    busy_note = (
+        " (**the machine was shared with other jobs**: absolute numbers are low and noisy)"
+        if peak > 1.5
+        else " (no other job ran)"
+    )
     lines = [
         START,
         "",
@@ -112,16 +118,16 @@ def render() -> str:
         f"Run: {s.get('mode', '?')} mode, {s.get('created_at', '?')}, on "
         f"{dev.get('cpu', '?')} ({dev.get('cpu_count', '?')} cores, torch "
         f"{dev.get('torch', '?')}, {dev.get('torch_threads', '?')} threads, CUDA: "
-        f"{dev.get('cuda') or 'none'}). **The machine was shared**: other people's tests and "
-        "training ran on the same 2 cores during the runs (1-minute load average at each "
-        f"benchmark's start: {loads}), so absolute numbers are low and noisy; every "
-        "target is a ratio of two conditions measured side by side in the same run, in "
-        "interleaved rounds. GPU rows: not run, no GPU lent.",
+        f"{dev.get('cuda') or 'none'}). 1-minute load average at each benchmark's start: "
+        f"{loads}{busy_note}. Every target is a ratio of two conditions measured side by side "
+        "in the same run, in interleaved rounds. GPU rows: "
+        + ("see the tables." if dev.get("cuda") else "not run, no GPU lent to this machine."),
         "",
         "Optimisations in the code, each pinned by a behaviour test in `tests/perf/`: bf16 "
-        "weights on CPUs with native bf16 (`CPREC_DTYPE=auto`); dynamic batching (one padded "
-        "forward per coalesced batch; `CPREC_BATCH_MAX_PADDING` opts into length-sorted split "
-        "forwards with bounded padding, measured as `on-split` below); faiss searches run "
+        "weights on CPUs with native bf16 (`CPREC_DTYPE=auto`); dynamic batching (on CPU each "
+        "coalesced batch is length-sorted and split into forwards with <= 25% padding, "
+        "`CPREC_BATCH_MAX_PADDING=auto`; `on-single` below is one padded forward per batch, the "
+        "GPU default); faiss searches run "
         "with one OpenMP thread per call (`CPREC_FAISS_SEARCH_THREADS=1`) so they do not stall "
         "beside the encoder's threads; reindex embeds length-sorted batches on the device "
         "thread; tokenisation, forward and search run off the event loop; `CPREC_QUANTIZE=int8` "
@@ -230,6 +236,26 @@ def render() -> str:
         lines += _table(srv["raw"], ["model", "batch", "seq_s_median", "rounds"])
         lines += ["", "`GET /live` every 20 ms while `/recommend` runs at concurrency 32:", ""]
         lines += _table(srv["live"], ["model", "batching", "probes", "p50_ms", "p95_ms", "p99_ms"])
+        if srv.get("device_thread"):
+            lines += [
+                "",
+                "Device thread during the highest-concurrency rounds (from each service's "
+                "`/metrics`): the busy share of wall time, and sequences/s inside the forward "
+                "passes (compare with the raw encoder above):",
+                "",
+            ]
+            lines += _table(
+                srv["device_thread"],
+                [
+                    "model",
+                    "batching",
+                    "concurrency",
+                    "forwards",
+                    "mean_batch",
+                    "device_busy",
+                    "seq_s_in_forward",
+                ],
+            )
     rx = _load("reindex")
     if rx:
         lines += ["", f"### Reindex (`{rx['command']}`)", ""]

@@ -30,17 +30,21 @@ def _child(batches: int) -> dict[str, Any]:
     from service.encoder import HFEncoder
 
     proc = psutil.Process()
-    enc = HFEncoder(bundled_dir("minilm-l6", Path("var/bench-store")), "mean", False,
-                    dtype="bfloat16")
+    enc = HFEncoder(
+        bundled_dir("minilm-l6", Path("var/bench-store")), "mean", False, dtype="bfloat16"
+    )
     rng = random.Random(0)
     start = proc.memory_info().rss / 2**20
     t0 = time.perf_counter()
     for _ in range(batches):
         b, t = rng.randint(1, 32), rng.randint(5, 200)
         enc.core([[101] + [1000 + rng.randint(0, 500) for _ in range(t)] + [102] for _ in range(b)])
-    return {"rss_start_mib": round(start, 1),
-            "rss_end_mib": round(proc.memory_info().rss / 2**20, 1),
-            "seconds": round(time.perf_counter() - t0, 1), "batches": batches}
+    return {
+        "rss_start_mib": round(start, 1),
+        "rss_end_mib": round(proc.memory_info().rss / 2**20, 1),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "batches": batches,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -54,15 +58,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = []
     for cap in ("1024", "16"):
         env = {**os.environ, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": cap, "HF_HUB_OFFLINE": "1"}
-        out = subprocess.run([sys.executable, "-m", "bench.encoder_memory", "--child",
-                              "--batches", str(args.batches)], env=env, check=True,
-                             capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        out = (
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.encoder_memory",
+                    "--child",
+                    "--batches",
+                    str(args.batches),
+                ],
+                env=env,
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
         r = json.loads(out)
-        rows.append({"onednn_cache": int(cap), **r,
-                     "growth_mib": round(r["rss_end_mib"] - r["rss_start_mib"], 1)})
+        rows.append(
+            {
+                "onednn_cache": int(cap),
+                **r,
+                "growth_mib": round(r["rss_end_mib"] - r["rss_start_mib"], 1),
+            }
+        )
     print_table("Encoder RSS over random batch shapes (MiniLM bf16, CPU)", rows)
-    res = {"command": "python -m bench.encoder_memory --batches " + str(args.batches),
-           "rows": rows}
+    res = {"command": "python -m bench.encoder_memory --batches " + str(args.batches), "rows": rows}
     save_result("encoder_memory", res)
     return res
 

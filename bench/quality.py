@@ -436,6 +436,7 @@ def run_pipeline_system(ctx: Ctx, system: str) -> list[dict[str, Any]]:
                     "tokens_per_s": sm.get("tokens_per_s"),
                     "first_loss": sm.get("first_loss"),
                     "final_loss": sm.get("final_loss"),
+                    "from_cache": bool(sm.get("reused")),  # e.g. cprec-idres reuses cprec's CPT
                 }
             )
     stages.append(
@@ -761,7 +762,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.docs_only:
         q = json.loads(QUALITY_JSON.read_text()) if QUALITY_JSON.exists() else {}
-        for m, run in q.get("runs", {}).items():  # systems added since the run: say "not run"
+        for m, run in q.get("runs", {}).items():  # rows not run get today's reason
+            run["rows"] = {
+                k: r
+                for k, r in run["rows"].items()
+                if r.get("status") not in ("not run", "not available")
+            }
             run["order"] = fill_missing(run["rows"], m, args)
         write_docs(markdown(q))
         return 0

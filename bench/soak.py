@@ -66,9 +66,22 @@ class Redis:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [str(self.binary), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                str(self.binary),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -102,8 +115,9 @@ def load_catalog() -> list[dict[str, Any]]:
     return [json.loads(line) for line in DEMO_CATALOG.read_text().splitlines() if line.strip()]
 
 
-async def wait_ready(client: httpx.AsyncClient, proc: subprocess.Popen[bytes],
-                     timeout: float = 600) -> dict[str, Any]:
+async def wait_ready(
+    client: httpx.AsyncClient, proc: subprocess.Popen[bytes], timeout: float = 600
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -129,19 +143,31 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     redis = Redis(work)
     redis.start()
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "CPREC_STORE_DIR": str(work / "store"), "CPREC_ADMIN_TOKEN": TOKEN,
-           "REDIS_URL": f"redis://127.0.0.1:{redis.port}/0", "CPREC_REDIS_RETRY_S":
-           str(REDIS_RETRY_S), "CPREC_BASE_MODEL": args.model, "CPREC_LOG_LEVEL": "WARNING",
-           "CPREC_FAISS_GPU": "false"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "CPREC_STORE_DIR": str(work / "store"),
+        "CPREC_ADMIN_TOKEN": TOKEN,
+        "REDIS_URL": f"redis://127.0.0.1:{redis.port}/0",
+        "CPREC_REDIS_RETRY_S": str(REDIS_RETRY_S),
+        "CPREC_BASE_MODEL": args.model,
+        "CPREC_LOG_LEVEL": "WARNING",
+        "CPREC_FAISS_GPU": "false",
+    }
     log = open(work / "service.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "service", "--host", "127.0.0.1",
-                             "--port", str(port)], cwd=REPO, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     ps = psutil.Process(proc.pid)
     base = f"http://127.0.0.1:{port}"
-    limits = httpx.Limits(max_connections=args.concurrency + 8,
-                          max_keepalive_connections=args.concurrency + 8)
+    limits = httpx.Limits(
+        max_connections=args.concurrency + 8, max_keepalive_connections=args.concurrency + 8
+    )
     result: dict[str, Any] = {}
     try:
         async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as client:
@@ -158,8 +184,12 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
 
             warm = [history(i) for i in range(args.warm_pool)]
             for i in range(0, len(warm), 16):  # warm the cache (and the allocator)
-                await asyncio.gather(*[client.post("/recommend", json={"history": h, "k": 10})
-                                       for h in warm[i:i + 16]])
+                await asyncio.gather(
+                    *[
+                        client.post("/recommend", json={"history": h, "k": 10})
+                        for h in warm[i : i + 16]
+                    ]
+                )
             samples: list[Sample] = []
             rss: list[tuple[float, float]] = []
             events: dict[str, float] = {}
@@ -172,8 +202,11 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                 while time.monotonic() < stop_at:
                     kind = "hit" if wrng.random() < 0.5 else "miss"
                     h = wrng.choice(warm) if kind == "hit" else history(next(counter))
-                    body = {"history": h, "k": 10,
-                            "target_domains": wrng.sample(domains, k=min(2, len(domains)))}
+                    body = {
+                        "history": h,
+                        "k": 10,
+                        "target_domains": wrng.sample(domains, k=min(2, len(domains))),
+                    }
                     ts = time.monotonic()
                     try:
                         r = await client.post("/recommend", json=body)
@@ -193,14 +226,21 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                 await asyncio.sleep(args.duration * 0.25)
                 items = [{**it, "title": f"{it['title']} (2nd edition)"} for it in catalog]
                 events["reindex_start"] = time.monotonic() - t0
-                r = await client.post("/items/reindex", json={"mode": "full", "items": items},
-                                      headers={"Authorization": f"Bearer {TOKEN}"})
+                r = await client.post(
+                    "/items/reindex",
+                    json={"mode": "full", "items": items},
+                    headers={"Authorization": f"Bearer {TOKEN}"},
+                )
                 out["reindex_submit_status"] = r.status_code
                 job = r.json()
                 while job.get("state") in ("queued", "running"):
                     await asyncio.sleep(0.25)
-                    job = (await client.get(f"/items/reindex/{job['job_id']}",
-                                            headers={"Authorization": f"Bearer {TOKEN}"})).json()
+                    job = (
+                        await client.get(
+                            f"/items/reindex/{job['job_id']}",
+                            headers={"Authorization": f"Bearer {TOKEN}"},
+                        )
+                    ).json()
                 events["reindex_end"] = time.monotonic() - t0
                 out["reindex_state"], out["reindex_items"] = job.get("state"), len(items)
                 out["reindex_error"] = job.get("error")
@@ -246,26 +286,39 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         ss = [s for s in samples if a <= s.t < b]
         ok = [s.latency for s in ss if s.status == 200]
         hits = [s for s in ss if s.kind == "hit" and s.status == 200]
-        rows.append({
-            "phase": name, "from_s": round(a, 1), "to_s": round(min(b, args.duration), 1),
-            "requests": len(ss), "rps": round(len(ss) / max(min(b, args.duration) - a, 1e-9), 1),
-            "p50_ms": pct(ok, 50), "p99_ms": pct(ok, 99),
-            "p99_miss_ms": pct([s.latency for s in ss if s.status == 200 and s.kind == "miss"],
-                               99),
-            "cache_hit_share_of_repeats": round(sum(s.cached for s in hits) / len(hits), 3)
-            if hits else None,
-            "status_5xx": sum(500 <= s.status < 600 for s in ss),
-            "status_429": sum(s.status == 429 for s in ss),
-            "lost": sum(s.status == 0 for s in ss),
-        })
+        rows.append(
+            {
+                "phase": name,
+                "from_s": round(a, 1),
+                "to_s": round(min(b, args.duration), 1),
+                "requests": len(ss),
+                "rps": round(len(ss) / max(min(b, args.duration) - a, 1e-9), 1),
+                "p50_ms": pct(ok, 50),
+                "p99_ms": pct(ok, 99),
+                "p99_miss_ms": pct(
+                    [s.latency for s in ss if s.status == 200 and s.kind == "miss"], 99
+                ),
+                "cache_hit_share_of_repeats": round(sum(s.cached for s in hits) / len(hits), 3)
+                if hits
+                else None,
+                "status_5xx": sum(500 <= s.status < 600 for s in ss),
+                "status_429": sum(s.status == 429 for s in ss),
+                "lost": sum(s.status == 0 for s in ss),
+            }
+        )
     warm_end = [m for t, m in rss if t >= 10.0] or [m for _, m in rss]
-    mem = {"rss_start_mib": round(rss[0][1], 1), "rss_after_warmup_mib": round(warm_end[0], 1),
-           "rss_max_mib": round(max(m for _, m in rss), 1),
-           "rss_end_mib": round(rss[-1][1], 1),
-           "growth_after_warmup_mib": round(rss[-1][1] - warm_end[0], 1),
-           "bound_mib": args.rss_bound_mib}
-    cache_errors = sum(float(m.group(1)) for m in re.finditer(
-        r'^cprec_cache_total\{result="error"\} (\S+)', metrics, re.M))
+    mem = {
+        "rss_start_mib": round(rss[0][1], 1),
+        "rss_after_warmup_mib": round(warm_end[0], 1),
+        "rss_max_mib": round(max(m for _, m in rss), 1),
+        "rss_end_mib": round(rss[-1][1], 1),
+        "growth_after_warmup_mib": round(rss[-1][1] - warm_end[0], 1),
+        "bound_mib": args.rss_bound_mib,
+    }
+    cache_errors = sum(
+        float(m.group(1))
+        for m in re.finditer(r'^cprec_cache_total\{result="error"\} (\S+)', metrics, re.M)
+    )
     total = len(samples)
     checks = {
         "zero_5xx": sum(r["status_5xx"] for r in rows) == 0,
@@ -280,14 +333,25 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         "sigterm_exit_0": exit_code == 0,
     }
     result = {
-        "benchmark": "soak", "model": args.model, "duration_s": args.duration,
-        "concurrency": args.concurrency, "catalogue_items": len(catalog),
-        "requests": total, "rps": round(total / args.duration, 1),
-        "events_s": {k: round(v, 1) for k, v in events.items()}, **ev_out,
-        "cache_errors_counted": cache_errors, "phases": rows, "memory": mem,
-        "checks": checks, "passed": all(checks.values()),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version()},
+        "benchmark": "soak",
+        "model": args.model,
+        "duration_s": args.duration,
+        "concurrency": args.concurrency,
+        "catalogue_items": len(catalog),
+        "requests": total,
+        "rps": round(total / args.duration, 1),
+        "events_s": {k: round(v, 1) for k, v in events.items()},
+        **ev_out,
+        "cache_errors_counted": cache_errors,
+        "phases": rows,
+        "memory": mem,
+        "checks": checks,
+        "passed": all(checks.values()),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     shutil.rmtree(work, ignore_errors=True)
@@ -295,36 +359,45 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def table(res: dict[str, Any]) -> str:
-    lines = ["| phase | window (s) | requests | req/s | p50 ms | p99 ms | p99 miss ms | "
-             "cache hits (repeats) | 5xx | 429 | lost |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| phase | window (s) | requests | req/s | p50 ms | p99 ms | p99 miss ms | "
+        "cache hits (repeats) | 5xx | 429 | lost |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in res["phases"]:
         hit = r["cache_hit_share_of_repeats"]
-        lines.append(f"| {r['phase']} | {r['from_s']}–{r['to_s']} | {r['requests']} | "
-                     f"{r['rps']} | {r['p50_ms']} | {r['p99_ms']} | {r['p99_miss_ms']} | "
-                     f"{'' if hit is None else f'{hit:.0%}'} | {r['status_5xx']} | "
-                     f"{r['status_429']} | {r['lost']} |")
+        lines.append(
+            f"| {r['phase']} | {r['from_s']}–{r['to_s']} | {r['requests']} | "
+            f"{r['rps']} | {r['p50_ms']} | {r['p99_ms']} | {r['p99_miss_ms']} | "
+            f"{'' if hit is None else f'{hit:.0%}'} | {r['status_5xx']} | "
+            f"{r['status_429']} | {r['lost']} |"
+        )
     m = res["memory"]
-    lines += ["", f"Server RSS: {m['rss_start_mib']} MiB at the start of the load, "
-              f"{m['rss_after_warmup_mib']} MiB after 10 s, max {m['rss_max_mib']} MiB, "
-              f"{m['rss_end_mib']} MiB at the end: growth {m['growth_after_warmup_mib']} MiB "
-              f"(bound {m['bound_mib']} MiB).",
-              "Checks: " + ", ".join(f"{k} {'✓' if v else '✗'}" for k, v in res["checks"].items())]
+    lines += [
+        "",
+        f"Server RSS: {m['rss_start_mib']} MiB at the start of the load, "
+        f"{m['rss_after_warmup_mib']} MiB after 10 s, max {m['rss_max_mib']} MiB, "
+        f"{m['rss_end_mib']} MiB at the end: growth {m['growth_after_warmup_mib']} MiB "
+        f"(bound {m['bound_mib']} MiB).",
+        "Checks: " + ", ".join(f"{k} {'✓' if v else '✗'}" for k, v in res["checks"].items()),
+    ]
     return "\n".join(lines)
 
 
 def write_doc(res: dict[str, Any]) -> None:
     ev = res["events_s"]
-    body = (f"<!-- soak:start -->\n## Soak (`python -m bench.soak`)\n\n"
-            f"{res['duration_s']} s at concurrency {res['concurrency']} against `python -m "
-            f"service` ({res['model']}, CPU, {res['catalogue_items']}-item demo catalogue, private "
-            f"redis-server), half cache-hit and half cache-miss traffic; a full reindex of every "
-            f"item (all titles changed, so all re-embedded) from {ev['reindex_start']} s to "
-            f"{ev['reindex_end']} s, Redis stopped at {ev['redis_stop']} s and back at "
-            f"{ev['redis_start']} s (the cache is skipped for {REDIS_RETRY_S:g} s after a "
-            f"failure). {res['requests']} requests, {res['rps']} req/s overall; {res['date']}, "
-            f"{res['machine']['cpus']} shared cores. Raw: `bench/results/soak.json`.\n\n"
-            f"{table(res)}\n<!-- soak:end -->")
+    body = (
+        f"<!-- soak:start -->\n## Soak (`python -m bench.soak`)\n\n"
+        f"{res['duration_s']} s at concurrency {res['concurrency']} against `python -m "
+        f"service` ({res['model']}, CPU, {res['catalogue_items']}-item demo catalogue, private "
+        f"redis-server), half cache-hit and half cache-miss traffic; a full reindex of every "
+        f"item (all titles changed, so all re-embedded) from {ev['reindex_start']} s to "
+        f"{ev['reindex_end']} s, Redis stopped at {ev['redis_stop']} s and back at "
+        f"{ev['redis_start']} s (the cache is skipped for {REDIS_RETRY_S:g} s after a "
+        f"failure). {res['requests']} requests, {res['rps']} req/s overall; {res['date']}, "
+        f"{res['machine']['cpus']} shared cores. Raw: `bench/results/soak.json`.\n\n"
+        f"{table(res)}\n<!-- soak:end -->"
+    )
     text = DOC.read_text(encoding="utf-8") if DOC.exists() else "# Benchmarks\n"
     if "<!-- soak:start -->" in text and "<!-- soak:end -->" in text:
         a = text.index("<!-- soak:start -->")
@@ -342,8 +415,12 @@ def main() -> None:
     p.add_argument("--model", default="minilm-l6")
     p.add_argument("--warm-pool", type=int, default=200, help="histories re-sent as cache hits")
     p.add_argument("--redis-down-s", type=float, default=4.0)
-    p.add_argument("--rss-bound-mib", type=float, default=150.0,
-                   help="max RSS growth from 10 s into the load to its end")
+    p.add_argument(
+        "--rss-bound-mib",
+        type=float,
+        default=150.0,
+        help="max RSS growth from 10 s into the load to its end",
+    )
     p.add_argument("--quick", action="store_true", help="30 s smoke run; results not recorded")
     args = p.parse_args()
     if args.quick:

@@ -135,9 +135,10 @@ class Batcher:
     def _split(self, batch: list[list[int]]) -> list[list[int]]:
         """Row groups for the forwards of one batch, in input order when not split.
 
-        With ``max_padding`` set (opt-in, ``batch_max_padding``), rows are length-sorted and cut
-        wherever the next (longer) row would push padded tokens past ``max_padding`` x real
-        tokens: worth it where a forward's cost per token is flat in batch size (perf, issue 5).
+        With ``max_padding`` set (``batch_max_padding``; 0.25 by default on CPU), rows are
+        length-sorted and cut wherever the next (longer) row would push padded tokens past
+        ``max_padding`` x real tokens: worth it where a forward's cost per token is flat in batch
+        size, as on CPU (perf, issue 5).
         """
         if self.max_padding is None or len(batch) < 2:
             return [list(range(len(batch)))]

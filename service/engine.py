@@ -193,7 +193,7 @@ class Engine:
             token_budget=s.batch_token_budget,
             queue_size=s.queue_size,
             enabled=s.batching,
-            max_padding=s.batch_max_padding,
+            max_padding=s.resolved_max_padding(_device_type(self.encoder)),
         )
         await self.batcher.start()
         await self.batcher.run_on_device(self.encoder.warmup)
@@ -539,3 +539,9 @@ class Engine:
             drop = set(item_ids or [])
             return [it for it in old.items if it.item_id not in drop]
         raise ValidationFailed(f"unknown mode {mode!r}")
+
+
+def _device_type(encoder: Encoder) -> str:
+    """``cpu`` / ``cuda`` for the encoder's device (encoders without one, e.g. fakes: cpu)."""
+    dev = getattr(encoder, "device", None)
+    return str(getattr(dev, "type", dev or "cpu"))

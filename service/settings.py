@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -80,15 +80,33 @@ class Settings(BaseSettings):
         default=16384, ge=64, description="Max padded tokens (batch x longest) per forward pass."
     )
     queue_size: int = Field(default=256, ge=1, description="Pending encodes before 429.")
-    batch_max_padding: float | None = Field(
-        default=None,
-        ge=0,
+    batch_max_padding: float | Literal["auto", "none"] = Field(
+        default="auto",
         description="Padded tokens allowed per forward, as a fraction of the real tokens; a "
-        "coalesced batch is then length-sorted and split into forwards that respect it. Unset = "
-        "one forward per batch: on the shared 2-core CPU, bench/serve.py measured one padded "
-        "forward faster than splits at 0.25 (bigger batches amortise the threads' sync); a "
-        "dedicated CPU, where cost per token is flat in batch size, may gain from 0.25.",
+        "coalesced batch is then length-sorted and split into forwards that respect it. "
+        "none = one padded forward per batch. auto = 0.25 on CPU (cost per token is flat in "
+        "batch size there, so padding is pure waste: bench/serve.py measured split forwards "
+        "ahead of one padded forward at concurrency 32), none on a GPU (bigger batches win).",
     )
+    cuda_max_padding: ClassVar[None] = None
+    cpu_max_padding: ClassVar[float] = 0.25
+
+    @field_validator("batch_max_padding")
+    @classmethod
+    def _padding_not_negative(cls, v: float | str) -> float | str:
+        if isinstance(v, float) and v < 0:
+            raise ValueError("must be >= 0, auto or none")
+        return v
+
+    def resolved_max_padding(self, device_type: str) -> float | None:
+        """``batch_max_padding`` for the device the encoder runs on."""
+        v = self.batch_max_padding
+        if v == "none":
+            return None
+        if v == "auto":
+            return self.cpu_max_padding if device_type == "cpu" else self.cuda_max_padding
+        return float(v)
+
     quantize: Literal["none", "int8"] = Field(
         default="none",
         description="int8 = dynamic per-channel int8 Linear layers (CPU only). Off unless its "

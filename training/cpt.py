@@ -254,7 +254,7 @@ def run_cpt(cfg: TrainConfig, base_dir: Path, chunks: list[Chunk], out_dir: Path
         prev = json.loads(done.read_text())
         if prev.get("key") == key and c.resume:
             log.info("cpt: %s is complete for this config; reusing it", out_dir / "model")
-            return StageResult(out_dir / "model", prev)
+            return StageResult(out_dir / "model", {**prev, "reused": True})
     if not chunks:
         raise ValueError("cpt: the corpus is empty")
     mlm = not is_decoder_config(AutoConfig.from_pretrained(base_dir))

@@ -77,3 +77,11 @@ async def test_split_forwards_keep_request_order() -> None:
     want = enc.core(enc.pre(TEXTS, "query"))
     assert np.allclose(vecs, want, atol=1e-6)
     assert max(enc.batch_sizes[:-1]) < len(TEXTS)  # the coalesced batch was split
+
+
+@pytest.mark.parametrize(("setting", "expected"), [(None, 0.25), ("none", None), ("0.1", 0.1)])
+async def test_engine_splits_batches_by_default_on_cpu(app_client, setting, expected) -> None:  # type: ignore[no-untyped-def]
+    """The CPU default (``batch_max_padding=auto``) is length-sorted split forwards."""
+    kw = {} if setting is None else {"batch_max_padding": setting}
+    async with app_client(**kw) as (_client, engine, _enc):
+        assert engine.batcher.max_padding == expected

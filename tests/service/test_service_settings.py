@@ -86,3 +86,28 @@ def test_redacted_hides_secrets() -> None:
     assert r["port"] == 8000 and isinstance(r["store_dir"], str)
     plain = Settings(redis_url="redis://cache:6379/0").redacted()
     assert plain["redis_url"] == "redis://cache:6379/0" and plain["admin_token"] is None
+
+
+@pytest.mark.parametrize(
+    ("env", "device", "expected"),
+    [
+        (None, "cpu", 0.25),  # auto: split forwards on CPU
+        (None, "cuda", None),  # auto: one padded forward on a GPU
+        ("none", "cpu", None),
+        ("0.5", "cuda", 0.5),
+        ("0", "cpu", 0.0),
+    ],
+)
+def test_batch_max_padding_resolves_per_device(
+    monkeypatch: pytest.MonkeyPatch, env: str | None, device: str, expected: float | None
+) -> None:
+    if env is not None:
+        monkeypatch.setenv("CPREC_BATCH_MAX_PADDING", env)
+    assert Settings().resolved_max_padding(device) == expected
+
+
+@pytest.mark.parametrize("bad", ["-0.1", "sometimes"])
+def test_batch_max_padding_rejects_nonsense(monkeypatch: pytest.MonkeyPatch, bad: str) -> None:
+    monkeypatch.setenv("CPREC_BATCH_MAX_PADDING", bad)
+    with pytest.raises(ValidationError, match="batch_max_padding"):
+        Settings()

@@ -58,7 +58,9 @@ def test_resume_replays_the_same_run(tmp_path, llama, monkeypatch):
     straight = run_cpt(cfg, llama, chunks, tmp_path / "a")
     assert straight.summary["resumed_from"] == 0
     # a finished run with the same config is reused, not retrained
-    assert run_cpt(cfg, llama, chunks, tmp_path / "a").summary == straight.summary
+    again = run_cpt(cfg, llama, chunks, tmp_path / "a").summary
+    assert again.pop("reused") is True and again == straight.summary
+    assert "reused" not in straight.summary
 
     real_save = cpt_mod._save_checkpoint
 
