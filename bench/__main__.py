@@ -40,7 +40,9 @@ def gpu_targets(mode: str) -> dict[str, Any]:
     }
 
 
-def summarise(mode: str, timings: dict[str, float]) -> dict[str, Any]:
+def summarise(
+    mode: str, timings: dict[str, float], created_at: str | None = None
+) -> dict[str, Any]:
     targets: dict[str, Any] = {}
     for name in BENCHES:
         path = RESULTS / f"{name}.json"
@@ -52,7 +54,7 @@ def summarise(mode: str, timings: dict[str, float]) -> dict[str, Any]:
         timings = {**json.loads(old.read_text()).get("seconds", {}), **timings}
     summary = {
         "mode": mode,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created_at": created_at or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "device": device_info(),
         "seconds": timings,
         "runs": {  # when each benchmark ran and how loaded the shared machine was
@@ -102,10 +104,19 @@ def render() -> str:
         f"{n} {r['loadavg_at_start']} ({r['created_at']})" for n, r in s.get("runs", {}).items()
     )
     peak = max((r["loadavg_at_start"] for r in s.get("runs", {}).values()), default=0.0)
-    busy_note = (
-        " (**the machine was shared with other jobs**: absolute numbers are low and noisy)"
-        if peak > 1.5
-        else " (no other job ran)"
+    busy_note = (  # the benchmarks themselves keep both cores busy: ~2 is their own load
+        " (**above the benchmarks' own load of ~2: other jobs shared the machine**, absolute "
+        "numbers are low and noisy)"
+        if peak > 3.0
+        else " (about the benchmarks' own load of ~2)"
+    )
+    secs = s.get("seconds", {})
+    wall_note = (
+        "Wall time per benchmark: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in secs.items())
+        + f"; {sum(secs.values()):.0f} s in all (quick mode's budget: 600 s)."
+        if secs
+        else ""
     )
     lines = [
         START,
@@ -121,7 +132,8 @@ def render() -> str:
         f"{dev.get('cuda') or 'none'}). 1-minute load average at each benchmark's start: "
         f"{loads}{busy_note}. Every target is a ratio of two conditions measured side by side "
         "in the same run, in interleaved rounds. GPU rows: "
-        + ("see the tables." if dev.get("cuda") else "not run, no GPU lent to this machine."),
+        + ("see the tables. " if dev.get("cuda") else "not run, no GPU lent to this machine. ")
+        + wall_note,
         "",
         "Optimisations in the code, each pinned by a behaviour test in `tests/perf/`: bf16 "
         "weights on CPUs with native bf16 (`CPREC_DTYPE=auto`); dynamic batching (on CPU each "
@@ -356,7 +368,7 @@ def main() -> None:
             if (RESULTS / "summary.json").is_file()
             else {}
         )
-        summarise(old.get("mode", mode), old.get("seconds", {}))
+        summarise(old.get("mode", mode), old.get("seconds", {}), old.get("created_at"))
     write_docs()
     print(f"wrote {RESULTS / 'summary.json'} and {DOCS.relative_to(REPO)}")
 
