@@ -6,12 +6,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEMO_CATALOG = Path(__file__).resolve().parent / "data" / "demo_catalog.jsonl"
+CPU_MAX_PADDING = 0.25  # batch_max_padding=auto on CPU (bench/serve.py: split vs single)
 
 
 class Settings(BaseSettings):
@@ -88,8 +89,6 @@ class Settings(BaseSettings):
         "batch size there, so padding is pure waste: bench/serve.py measured split forwards "
         "ahead of one padded forward at concurrency 32), none on a GPU (bigger batches win).",
     )
-    cuda_max_padding: ClassVar[None] = None
-    cpu_max_padding: ClassVar[float] = 0.25
 
     @field_validator("batch_max_padding")
     @classmethod
@@ -104,7 +103,7 @@ class Settings(BaseSettings):
         if v == "none":
             return None
         if v == "auto":
-            return self.cpu_max_padding if device_type == "cpu" else self.cuda_max_padding
+            return CPU_MAX_PADDING if device_type == "cpu" else None
         return float(v)
 
     quantize: Literal["none", "int8"] = Field(

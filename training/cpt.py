@@ -191,8 +191,8 @@ def mlm_loss(acc, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # typ
     if hasattr(inner, "get_base_model"):  # peft: LoRA layers live inside the base model
         inner = inner.get_base_model()
     backbone = getattr(inner, inner.base_model_prefix)
-    head = inner.get_output_embeddings() and getattr(inner, "cls", None)
-    if head is None:  # not BERT-shaped: the model's own loss
+    head = getattr(inner, "cls", None)  # BERT-shaped MLM head
+    if head is None:  # other encoders: the model's own loss
         return model(**batch).loss
     with acc.autocast():
         hidden = backbone(

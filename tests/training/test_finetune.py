@@ -95,6 +95,7 @@ def test_freeze_layers_keeps_the_bottom_fixed(tmp_path, models, arch):
 
 
 def test_freeze_layers_must_match(models):
+    import torch
     from transformers import AutoModel
 
     from training.finetune import freeze_bottom
@@ -102,10 +103,4 @@ def test_freeze_layers_must_match(models):
     m = AutoModel.from_pretrained(models["bert"])
     assert freeze_bottom(m, 1) > 0
     with pytest.raises(ValueError, match="no embedding or layer"):
-        freeze_bottom(torch_linear(), 1)
-
-
-def torch_linear():
-    import torch
-
-    return torch.nn.Linear(2, 2)
+        freeze_bottom(torch.nn.Linear(2, 2), 1)
