@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -27,6 +28,42 @@ log = logging.getLogger(__name__)
 _Pending = tuple[list[int], asyncio.Future[np.ndarray]]
 
 
+def device_thread() -> ThreadPoolExecutor:
+    """The one thread that runs every torch op of the service: model load, warm-up, forwards.
+
+    torch's OpenMP runtime (libgomp) keeps a thread team for each thread that has run a parallel
+    region, and once the process holds more of those threads than CPUs it stops spin-waiting
+    between regions: every op then puts its team to sleep and wakes it again. Loading the weights
+    on any other thread was enough for that on 2 cores (MiniLM forwards at batch 1: 45 seq/s
+    against 67 with load and forwards on one thread; perf, issue 5).
+    """
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="cprec-device")
+
+
+def padding_groups(lengths: Sequence[int], max_padding: float | None) -> list[list[int]]:
+    """Row groups for the forwards of one batch, in input order when not split.
+
+    With ``max_padding`` set (``batch_max_padding``; 0.25 by default on CPU), rows are
+    length-sorted and cut wherever the next (longer) row would push padded tokens past
+    ``max_padding`` x real tokens: worth it where a forward's cost per token is flat in batch
+    size, as on CPU (perf, issue 5). ``bench/serve.py`` times the raw encoder with the same rule.
+    """
+    if max_padding is None or len(lengths) < 2:
+        return [list(range(len(lengths)))]
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = [[]]
+    real = 0
+    for i in order:
+        n = lengths[i]  # the longest so far: the group's width if i joins it
+        cur = groups[-1]
+        if cur and n * (len(cur) + 1) > (1 + max_padding) * (real + n):
+            groups.append([])
+            cur, real = groups[-1], 0
+        cur.append(i)
+        real += n
+    return groups
+
+
 class Batcher:
     def __init__(
         self,
@@ -38,6 +75,7 @@ class Batcher:
         queue_size: int = 256,
         enabled: bool = True,
         max_padding: float | None = None,
+        device: ThreadPoolExecutor | None = None,
     ) -> None:
         self.encoder = encoder
         self.metrics = metrics
@@ -48,8 +86,9 @@ class Batcher:
         self.enabled = enabled
         self.max_padding = max_padding  # None = one forward per coalesced batch
         # One device thread: forward passes (requests and reindex batches) never overlap, which
-        # is what a single GPU or a CPU already saturated by intra-op threads wants.
-        self.device_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cprec-device")
+        # is what a single GPU or a CPU already saturated by intra-op threads wants. Pass the
+        # thread the model was loaded on (see device_thread); the batcher owns it from here.
+        self.device_pool = device or device_thread()
         self.pre_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cprec-tokenize")
         self._queue: asyncio.Queue[_Pending] | None = None
         self._carry: _Pending | None = None
@@ -133,27 +172,8 @@ class Batcher:
         return out
 
     def _split(self, batch: list[list[int]]) -> list[list[int]]:
-        """Row groups for the forwards of one batch, in input order when not split.
-
-        With ``max_padding`` set (``batch_max_padding``; 0.25 by default on CPU), rows are
-        length-sorted and cut wherever the next (longer) row would push padded tokens past
-        ``max_padding`` x real tokens: worth it where a forward's cost per token is flat in batch
-        size, as on CPU (perf, issue 5).
-        """
-        if self.max_padding is None or len(batch) < 2:
-            return [list(range(len(batch)))]
-        order = sorted(range(len(batch)), key=lambda i: len(batch[i]))
-        groups: list[list[int]] = [[]]
-        real = 0
-        for i in order:
-            n = len(batch[i])  # the longest so far: the group's width if i joins it
-            cur = groups[-1]
-            if cur and n * (len(cur) + 1) > (1 + self.max_padding) * (real + n):
-                groups.append([])
-                cur, real = groups[-1], 0
-            cur.append(i)
-            real += n
-        return groups
+        """Row groups for the forwards of one batch (see :func:`padding_groups`)."""
+        return padding_groups([len(ids) for ids in batch], self.max_padding)
 
     async def _collect(self) -> list[_Pending]:
         assert self._queue is not None

@@ -22,7 +22,7 @@ import numpy as np
 from cprec.lm import BUNDLED, bundled_dir, detect_pooling, is_decoder_config
 from cprec.text import Behaviour, Template, normalise_title
 from model_store import ArtifactError, ModelStore
-from service.batcher import Batcher
+from service.batcher import Batcher, device_thread
 from service.cache import LRUCache, RedisCache, UserVectorCache, cache_key
 from service.catalog import check_unique, load_catalog_file
 from service.encoder import Encoder, HFEncoder
@@ -156,8 +156,14 @@ class Engine:
         """Load model and index (or build the index from the catalogue), warm up, turn ready."""
         s = self.settings
         configure_faiss(blas_threshold=4, search_threads=s.faiss_search_threads)
+        device = device_thread()  # handed to the batcher, which shuts it down in stop()
         if self._encoder is None:
-            loaded = await asyncio.to_thread(load_model, s)
+            # On the device thread, like every later torch op (see device_thread).
+            try:
+                loaded = await asyncio.get_running_loop().run_in_executor(device, load_model, s)
+            except BaseException:
+                device.shutdown(wait=False)
+                raise
             self._encoder, self.model_version, self.template = (
                 loaded.encoder,
                 loaded.version,
@@ -194,6 +200,7 @@ class Engine:
             queue_size=s.queue_size,
             enabled=s.batching,
             max_padding=s.resolved_max_padding(_device_type(self.encoder)),
+            device=device,
         )
         await self.batcher.start()
         await self.batcher.run_on_device(self.encoder.warmup)
@@ -222,7 +229,7 @@ class Engine:
         for t in list(self._job_tasks):
             t.cancel()
         if self.batcher is not None:
-            await self.batcher.stop()
+            await self.batcher.stop()  # shuts the device thread down too
         if self._cache is not None:
             await self._cache.close()
 
