@@ -242,10 +242,13 @@ def render() -> str:
         )
         lines += [
             "",
-            "Raw encoder on the same histories in the same run (the overhead baseline):",
+            "Raw encoder on the same histories in the same run (the overhead baseline, its best "
+            "row): one padded forward per batch, or the batch split into length-sorted forwards "
+            "with the service's CPU rule (<= 25% padding). Timed on the benchmark's main thread, "
+            "where nothing else runs:",
             "",
         ]
-        lines += _table(srv["raw"], ["model", "batch", "seq_s_median", "rounds"])
+        lines += _table(srv["raw"], ["model", "batch", "forwards", "seq_s_median", "rounds"])
         lines += ["", "`GET /live` every 20 ms while `/recommend` runs at concurrency 32:", ""]
         lines += _table(srv["live"], ["model", "batching", "probes", "p50_ms", "p95_ms", "p99_ms"])
         if srv.get("device_thread"):
