@@ -159,9 +159,16 @@ def device_info() -> dict[str, Any]:
     return info
 
 
+def results_dir(mode: str) -> Path:
+    """Quick-mode results (``make bench``) in bench/results, full-mode ones in bench/results/full,
+    so a long full run never replaces the quick figures the docs quote, or the reverse."""
+    return RESULTS / "full" if mode == "full" else RESULTS
+
+
 def save_result(name: str, data: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    out = results_dir(str(data.get("mode", "quick")))
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
     data = {
         "benchmark": name,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
