@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+import unicodedata
+
 import pytest
 from pydantic import ValidationError
 
@@ -73,3 +76,21 @@ def test_template_round_trips_through_a_manifest_dump() -> None:
 def test_max_items_bounds() -> None:
     with pytest.raises(ValidationError):
         Template(max_items=0)
+
+
+def _normalise_reference(title: str) -> str:
+    """The definition, one character at a time (the fast path must agree with it)."""
+    title = unicodedata.normalize("NFC", title)
+    title = "".join(ch if unicodedata.category(ch)[0] != "C" else " " for ch in title)
+    return " ".join(title.split())
+
+
+def test_normalise_title_fast_path_matches_the_definition() -> None:
+    pool = list("abc XYZ09-'&é") + [
+        "e\u0301", "\u00a0", "\u2028", "\u200b", "\u00ad", "\ufeff", "\x00", "\x1f", "\x7f",
+        "\x85", "\t", "\n", "\ue000", "\U0001f600", "\u3000", "\u0378",
+    ]
+    rng = random.Random(5)
+    for _ in range(2000):
+        t = "".join(rng.choice(pool) for _ in range(rng.randint(0, 12)))
+        assert normalise_title(t) == _normalise_reference(t), repr(t)
