@@ -1,0 +1,80 @@
+"""The benchmarks' load generator against a real uvicorn server (the app over a FakeEncoder):
+it counts what the service answered, per status, and reads the ``cached`` flag from the body."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import uvicorn
+from svc_util import free_port
+
+from bench.common import HTTPConn, drive, probe
+
+
+async def _serve(make_settings: Callable[..., Any]) -> tuple[uvicorn.Server, asyncio.Task[None]]:
+    from service.app import create_app
+    from service.encoder import FakeEncoder
+    from service.engine import Engine
+
+    engine = Engine(make_settings(), encoder=FakeEncoder(dim=64), model_version="fake-v1")
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(engine=engine), host="127.0.0.1", port=port, log_level="warning")
+    )
+    task = asyncio.create_task(server.serve())
+    for _ in range(200):
+        if server.started:
+            return server, task
+        await asyncio.sleep(0.05)
+    raise TimeoutError("uvicorn did not start")
+
+
+def _body(title: str) -> dict[str, Any]:
+    return {"history": [{"title": title, "domain": "Groceries"}], "k": 3}
+
+
+async def test_drive_counts_statuses_and_cache_hits(make_settings: Callable[..., Any]) -> None:
+    server, task = await _serve(make_settings)
+    url = f"http://127.0.0.1:{server.config.port}"
+    try:
+        bodies = [_body(f"Coffee Beans {i}") for i in range(12)]
+        first = await drive(url, bodies, concurrency=4, max_requests=12, max_s=30)
+        assert (first.ok, first.failed, first.cached) == (12, 0, 0)
+        assert first.status == {"200": 12} and len(first.latencies) == 12
+        again = await drive(url, bodies, concurrency=3, max_requests=24, max_s=30)  # cycles
+        assert (again.ok, again.cached) == (24, 24)
+        bad = await drive(url, [{"history": [], "k": 0}], concurrency=2, max_requests=5, max_s=30)
+        assert (bad.ok, bad.failed, bad.status) == (0, 5, {"422": 5})
+
+        conn = HTTPConn(url)
+        code, data = await conn.request("GET", "/live")
+        assert code == 200 and b"live" in data
+        code, _ = await conn.request("POST", "/recommend", b"{not json")
+        assert code == 422  # the same keep-alive connection carries on after an error
+        code, _ = await conn.request("GET", "/live")
+        assert code == 200
+        await conn.close()
+
+        stop = asyncio.Event()
+        live = asyncio.create_task(probe(url, "/live", stop, interval_s=0.01))
+        await asyncio.sleep(0.3)
+        stop.set()
+        assert len(await live) >= 5
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def test_a_dead_server_is_a_failed_request_not_a_crash() -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    res = await drive(url, [_body("tea")], concurrency=2, max_requests=4, max_s=10)
+    assert (res.ok, res.failed) == (0, 4)
+    assert set(res.status) == {"ConnectionRefusedError"}
+
+
+def test_only_loopback_is_targeted() -> None:
+    with pytest.raises(ValueError, match="127.0.0.1"):
+        HTTPConn("http://example.com:80")
