@@ -76,11 +76,16 @@ class Batcher:
         enabled: bool = True,
         max_padding: float | None = None,
         device: ThreadPoolExecutor | None = None,
+        coalesce_ms: float = 0.0,
     ) -> None:
         self.encoder = encoder
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
+        self.coalesce_s = coalesce_ms / 1000.0
+        # Requests the last forward served plus those that queued behind it: how many clients
+        # are active, so the next batch waits (up to coalesce_s) for that many, never longer.
+        self._expect = 1
         self.token_budget = token_budget
         self.queue_size = queue_size
         self.enabled = enabled
@@ -181,12 +186,21 @@ class Batcher:
         self._carry = None
         batch = [first]
         width = len(first[0])
-        deadline = time.monotonic() + self.max_wait_s
+        t0 = time.monotonic()
+        target = min(self._expect, self.max_batch_size)
         while len(batch) < self.max_batch_size:
             try:
                 nxt = self._queue.get_nowait()
             except asyncio.QueueEmpty:
-                remaining = deadline - time.monotonic()
+                if self.coalesce_s > 0:
+                    # Wait up to coalesce_s for the clients the last forward served to come
+                    # back, and not at all once they are here (a lone client never waits).
+                    if len(batch) >= target:
+                        break
+                    wait = self.coalesce_s
+                else:
+                    wait = self.max_wait_s  # fixed window for company
+                remaining = t0 + wait - time.monotonic()
                 if remaining <= 0:
                     break
                 try:
@@ -227,4 +241,5 @@ class Batcher:
                         f.set_result(v)
             finally:
                 self._inflight = 0
+                self._expect = len(live) + self.depth + (self._carry is not None)
                 self._gauge()

@@ -196,6 +196,7 @@ class Engine:
             self.metrics,
             max_batch_size=s.max_batch_size,
             max_wait_ms=s.max_wait_ms,
+            coalesce_ms=s.batch_coalesce_ms,
             token_budget=s.batch_token_budget,
             queue_size=s.queue_size,
             enabled=s.batching,

@@ -74,8 +74,18 @@ class Settings(BaseSettings):
         default=2.0,
         ge=0,
         le=1000,
-        description="How long the first request of a batch waits for company; adds at most this "
-        "much latency when idle.",
+        description="With batch_coalesce_ms=0: how long the first request of a batch waits "
+        "for company; adds at most this much latency when idle.",
+    )
+    batch_coalesce_ms: float = Field(
+        default=25.0,
+        ge=0,
+        le=1000,
+        description="How long a batch may wait to reach the concurrency the batcher last saw (the "
+        "last batch plus what queued behind it); once reached it goes at once, so a lone client "
+        "never waits. Under load the clients' requests share one forward instead of alternating "
+        "cohorts, and their HTTP work runs between forwards instead of beside them "
+        "(bench/serve.py). 0: off (max_wait_ms instead).",
     )
     batch_token_budget: int = Field(
         default=16384, ge=64, description="Max padded tokens (batch x longest) per forward pass."

@@ -118,8 +118,9 @@ async def test_queue_full_is_overloaded() -> None:
         assert ei.value.http_status == 429 and ei.value.headers["Retry-After"] == "1"
         enc.release.set()
         v1, v2 = await asyncio.gather(first, second)
-        np.testing.assert_allclose(np.stack([v1, v2]), FakeEncoder().encode(TEXTS[:2], "query"),
-                                   atol=1e-6)
+        np.testing.assert_allclose(
+            np.stack([v1, v2]), FakeEncoder().encode(TEXTS[:2], "query"), atol=1e-6
+        )
         # The queue drained: new work is accepted again.
         assert (await b.embed(TEXTS[3])).shape == (enc.dim,)
     finally:
@@ -149,3 +150,76 @@ async def test_embed_before_start_is_an_error() -> None:
             await b.embed("x")
     finally:
         await b.stop()
+
+
+class SlowEncoder(FakeEncoder):
+    """Each forward takes ``delay_s``, like a real device."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__()
+        self.delay_s = delay_s
+
+    def core(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+        threading.Event().wait(self.delay_s)
+        return super().core(batch)
+
+
+async def _closed_loop(b: Batcher, clients: int, rounds: int) -> None:
+    """``clients`` callers, each sending its next request once the last one is answered, with a
+    few ms between them as an HTTP round trip would put there."""
+
+    async def client(c: int) -> None:
+        for r in range(rounds):
+            await b.embed(TEXTS[(c + r) % len(TEXTS)])
+            await asyncio.sleep(0.001 * (1 + c % 4))
+
+    await asyncio.gather(*(client(c) for c in range(clients)))
+
+
+@pytest.mark.parametrize("coalesce_ms", [0.0, 400.0])
+async def test_closed_loop_clients_share_one_forward_when_coalescing(coalesce_ms: float) -> None:
+    enc = SlowEncoder(0.03)
+    b = await _batcher(enc, max_batch_size=32, max_wait_ms=0.5, coalesce_ms=coalesce_ms)
+    try:
+        await _closed_loop(b, clients=8, rounds=6)
+    finally:
+        await b.stop()
+    assert sum(enc.batch_sizes) == 48
+    steady = enc.batch_sizes[1:-1]  # the first and last may hold the clients a round ahead
+    if coalesce_ms:
+        # The batcher learns there are 8 clients and waits for all of them: full batches.
+        assert steady and all(n == 8 for n in steady), enc.batch_sizes
+    else:
+        # Without coalescing the clients that come back late miss the batch (cohorts).
+        assert any(n < 8 for n in steady), enc.batch_sizes
+
+
+async def test_a_lone_client_is_not_held_for_the_coalesce_window() -> None:
+    enc = FakeEncoder()
+    b = await _batcher(enc, max_wait_ms=0.5, coalesce_ms=2000.0)
+    try:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        for t in TEXTS[:5]:
+            await b.embed(t)  # sequential: one client
+        elapsed = loop.time() - t0
+    finally:
+        await b.stop()
+    assert enc.batch_sizes == [1] * 5
+    assert elapsed < 1.0  # five requests; one coalesce wait alone would be 2 s
+
+
+async def test_coalescing_forgets_clients_that_left() -> None:
+    enc = SlowEncoder(0.02)
+    b = await _batcher(enc, max_batch_size=32, max_wait_ms=0.5, coalesce_ms=150.0)
+    try:
+        await _closed_loop(b, clients=6, rounds=3)  # learns 6 clients
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        for t in TEXTS[:4]:  # then one client alone: at most one coalesce wait
+            await b.embed(t)
+        elapsed = loop.time() - t0
+    finally:
+        await b.stop()
+    assert enc.batch_sizes[-4:] == [1, 1, 1, 1]
+    assert elapsed < 0.15 + 4 * 0.02 + 0.5
