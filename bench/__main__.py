@@ -155,7 +155,11 @@ def render(mode: str) -> str:
         "weights on CPUs with native bf16 (`CPREC_DTYPE=auto`); dynamic batching (on CPU each "
         "coalesced batch is length-sorted and split into forwards with <= 25% padding, "
         "`CPREC_BATCH_MAX_PADDING=auto`; `on-single` below is one padded forward per batch, the "
-        "GPU default); faiss searches run "
+        "GPU default; a batch waits up to `CPREC_BATCH_COALESCE_MS=25` for as many requests as "
+        "the last forward served plus those queued behind it, and not at all once they are "
+        "there); libgomp's spin before sleeping is 0.2 ms (`GOMP_SPINCOUNT=20000`, set when "
+        "`cprec` is imported, before torch); request metrics are plain ASGI middleware; "
+        "`normalise_title` skips its per-character pass for printable titles; faiss searches run "
         "with one OpenMP thread per call (`CPREC_FAISS_SEARCH_THREADS=1`) so they do not stall "
         "beside the encoder's threads; reindex embeds length-sorted batches on the device "
         "thread; tokenisation, forward and search run off the event loop; `CPREC_QUANTIZE=int8` "
@@ -167,9 +171,10 @@ def render(mode: str) -> str:
         "includes batches split exactly as the service splits them (`forwards: split`): the "
         "service's own forwards are then the same work, and the gap is what HTTP, the event "
         "loop, tokenisation, Redis and search cost. On 2 cores that cost is larger than its CPU "
-        "time: the device thread's two OpenMP threads wait at every barrier whenever another "
-        "thread takes one of the cores, so the forwards in the service run slower than the "
-        "same forwards raw (compare `seq_s_in_forward` with the raw table).",
+        "time when it runs beside a forward: the device thread's two OpenMP threads wait at "
+        "every barrier whenever another thread takes one of the cores (compare "
+        "`seq_s_in_forward` with the raw table). Coalescing whole cohorts of clients into one "
+        "batch moves most of that work between forwards.",
         "",
         "### Targets",
         "",
