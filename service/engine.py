@@ -196,7 +196,7 @@ class Engine:
             self.metrics,
             max_batch_size=s.max_batch_size,
             max_wait_ms=s.max_wait_ms,
-            coalesce_ms=s.batch_coalesce_ms,
+            coalesce_ms=s.resolved_coalesce_ms(_device_type(self.encoder)),
             token_budget=s.batch_token_budget,
             queue_size=s.queue_size,
             enabled=s.batching,

@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEMO_CATALOG = Path(__file__).resolve().parent / "data" / "demo_catalog.jsonl"
 CPU_MAX_PADDING = 0.25  # batch_max_padding=auto on CPU (bench/serve.py: split vs single)
+CPU_COALESCE_MS = 50.0  # batch_coalesce_ms=auto on CPU (bench/serve.py, issue 5)
 
 
 class Settings(BaseSettings):
@@ -77,15 +78,14 @@ class Settings(BaseSettings):
         description="With batch_coalesce_ms=0: how long the first request of a batch waits "
         "for company; adds at most this much latency when idle.",
     )
-    batch_coalesce_ms: float = Field(
-        default=25.0,
-        ge=0,
-        le=1000,
+    batch_coalesce_ms: float | Literal["auto"] = Field(
+        default="auto",
         description="How long a batch may wait to reach the concurrency the batcher last saw (the "
         "last batch plus what queued behind it); once reached it goes at once, so a lone client "
-        "never waits. Under load the clients' requests share one forward instead of alternating "
-        "cohorts, and their HTTP work runs between forwards instead of beside them "
-        "(bench/serve.py). 0: off (max_wait_ms instead).",
+        "never waits. Under load the clients' requests then share one forward instead of "
+        "alternating cohorts, and their HTTP work runs between forwards instead of beside them. "
+        "0: off (max_wait_ms instead). auto = 50 on CPU (bench/serve.py: whole cohorts of 32 "
+        "need ~40 ms of event-loop work to come back), 0 on a GPU (no core contention there).",
     )
     batch_token_budget: int = Field(
         default=16384, ge=64, description="Max padded tokens (batch x longest) per forward pass."
@@ -106,6 +106,20 @@ class Settings(BaseSettings):
         if isinstance(v, float) and v < 0:
             raise ValueError("must be >= 0, auto or none")
         return v
+
+    @field_validator("batch_coalesce_ms")
+    @classmethod
+    def _coalesce_range(cls, v: float | str) -> float | str:
+        if isinstance(v, float) and not 0 <= v <= 1000:
+            raise ValueError("must be between 0 and 1000 ms, or auto")
+        return v
+
+    def resolved_coalesce_ms(self, device_type: str) -> float:
+        """``batch_coalesce_ms`` for the device the encoder runs on."""
+        v = self.batch_coalesce_ms
+        if v == "auto":
+            return CPU_COALESCE_MS if device_type == "cpu" else 0.0
+        return float(v)
 
     def resolved_max_padding(self, device_type: str) -> float | None:
         """``batch_max_padding`` for the device the encoder runs on."""

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from service.settings import Settings
+from service.settings import CPU_COALESCE_MS, Settings
 
 
 @pytest.fixture(autouse=True)
@@ -110,4 +110,28 @@ def test_batch_max_padding_resolves_per_device(
 def test_batch_max_padding_rejects_nonsense(monkeypatch: pytest.MonkeyPatch, bad: str) -> None:
     monkeypatch.setenv("CPREC_BATCH_MAX_PADDING", bad)
     with pytest.raises(ValidationError, match="batch_max_padding"):
+        Settings()
+
+
+@pytest.mark.parametrize(
+    ("env", "device", "expected"),
+    [
+        (None, "cpu", CPU_COALESCE_MS),  # auto: wait for whole cohorts on CPU
+        (None, "cuda", 0.0),  # auto: the fixed max_wait_ms window on a GPU
+        ("10", "cuda", 10.0),
+        ("0", "cpu", 0.0),
+    ],
+)
+def test_batch_coalesce_resolves_per_device(
+    monkeypatch: pytest.MonkeyPatch, env: str | None, device: str, expected: float
+) -> None:
+    if env is not None:
+        monkeypatch.setenv("CPREC_BATCH_COALESCE_MS", env)
+    assert Settings().resolved_coalesce_ms(device) == expected
+
+
+@pytest.mark.parametrize("bad", ["-1", "5000", "often"])
+def test_batch_coalesce_rejects_nonsense(monkeypatch: pytest.MonkeyPatch, bad: str) -> None:
+    monkeypatch.setenv("CPREC_BATCH_COALESCE_MS", bad)
+    with pytest.raises(ValidationError, match="batch_coalesce_ms"):
         Settings()
