@@ -18,9 +18,12 @@ router = APIRouter()
 
 
 @router.post("/recommend", response_model=RecommendResponse, tags=["recommend"])
-async def recommend(req: RecommendRequest, engine: EngineDep) -> RecommendResponse:
+async def recommend(req: RecommendRequest, engine: EngineDep) -> Response:
     """Top-k items per target domain for a mixed-domain history (titles and/or item ids)."""
-    return await engine.recommend(req)
+    resp = await engine.recommend(req)
+    # Serialised once, by pydantic-core: returning the model would have FastAPI dump it,
+    # validate it again and encode it again on the event loop, for every request (perf, issue 5).
+    return Response(resp.model_dump_json(), media_type="application/json")
 
 
 @router.post("/items/reindex", status_code=202, response_model=JobStatus, tags=["admin"])
