@@ -36,6 +36,7 @@ from service.protocol import (
     RecommendResponse,
     ScoredItem,
 )
+from service.search import SearchCoalescer
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,7 @@ class Engine:
         self.jobs: OrderedDict[str, JobStatus] = OrderedDict()
         self._write_lock = asyncio.Lock()
         self._job_tasks: set[asyncio.Task[None]] = set()
+        self.searches = SearchCoalescer()
 
     # -- lifecycle ---------------------------------------------------------------------------
     @property
@@ -306,18 +308,17 @@ class Engine:
             )
         return list(req.target_domains)
 
-    async def user_vector(self, text: str) -> tuple[np.ndarray, bool]:
-        """The user vector and whether it came from the cache."""
+    async def user_vector(self, text: str) -> tuple[np.ndarray, bool, str]:
+        """The user vector, whether it came from the cache, and its cache key (the caller
+        stores a miss, beside its search)."""
         key = cache_key(self.settings.redis_prefix, self._cache_namespace, text)
         vec = await self.cache.get(key)
         if vec is not None and vec.shape == (self.encoder.dim,):
             self.metrics.cache.labels("hit").inc()
-            return vec, True
+            return vec, True, key
         self.metrics.cache.labels("miss").inc()
         assert self.batcher is not None
-        vec = await self.batcher.embed(text)
-        await self.cache.set(key, vec)
-        return vec, False
+        return await self.batcher.embed(text), False, key
 
     async def recommend(self, req: RecommendRequest) -> RecommendResponse:
         # Only a missing index refuses: while draining (/ready already 503) requests that reached
@@ -353,8 +354,14 @@ class Engine:
                 results=results,
             )
         text = self.template.render_history(behaviours)
-        vec, cached = await self.user_vector(text)
-        hits = await asyncio.to_thread(self._search_all, idx, targets, vec, req.k, exclude)
+        vec, cached, key = await self.user_vector(text)
+        search = self.searches.search(idx, targets, vec, req.k, exclude)
+        if cached:
+            hits = await search
+        else:
+            # Stored beside the search, not before it: the requests of one forward then issue
+            # their searches in the same tick and share one faiss call per domain.
+            hits, _ = await asyncio.gather(search, self.cache.set(key, vec))
         for d, rows in hits.items():
             results[d] = [
                 ScoredItem(item_id=idx.items[r].item_id, title=idx.items[r].title, score=s)
@@ -366,13 +373,6 @@ class Engine:
             cached=cached,
             results=results,
         )
-
-    @staticmethod
-    def _search_all(
-        idx: ItemIndex, targets: Sequence[str], vec: np.ndarray, k: int, exclude: set[int]
-    ) -> dict[str, list[tuple[int, float]]]:
-        q = vec.reshape(1, -1)
-        return {d: idx.search(d, q, k, exclude)[0] for d in targets}
 
     # -- reindex -----------------------------------------------------------------------------
     def item_text(self, it: Item) -> str:

@@ -1,0 +1,104 @@
+"""Concurrent searches share one faiss call per domain and still answer each request exactly
+(its own k and its own excluded rows), as if it had searched alone (perf, issue 5)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from service.encoder import FakeEncoder
+from service.engine import Engine
+from service.index import Item, ItemIndex
+from service.protocol import RecommendRequest, TitleEntry
+from service.search import SearchCoalescer
+
+
+def _index(n_per_domain: int = 60, dim: int = 16) -> ItemIndex:
+    rng = np.random.default_rng(0)
+    items = [
+        Item(f"{d}{i}", d, f"{d} item {i}", "", i) for d in ("A", "B") for i in range(n_per_domain)
+    ]
+    vecs = rng.standard_normal((len(items), dim)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    return ItemIndex.build(items, vecs, "m1")
+
+
+async def test_coalesced_answers_equal_single_searches(monkeypatch: pytest.MonkeyPatch) -> None:
+    idx = _index()
+    rng = np.random.default_rng(1)
+    calls: list[tuple[str, int]] = []
+    real = ItemIndex.search
+
+    def spy(self: ItemIndex, domain: str, q: np.ndarray, k: int, exclude: Any = ()) -> Any:
+        calls.append((domain, q.reshape(-1, self.dim).shape[0]))
+        return real(self, domain, q, k, exclude)
+
+    specs = []
+    for i in range(12):
+        vec = rng.standard_normal(16).astype(np.float32)
+        targets = ["A", "B"] if i % 3 else ["B"]
+        k = 1 + i % 7
+        exclude = set(rng.choice(len(idx.items), size=i % 5 * 3, replace=False).tolist())
+        specs.append((targets, vec, k, exclude))
+    expected = [{d: real(idx, d, v.reshape(1, -1), k, ex)[0] for d in t} for t, v, k, ex in specs]
+    monkeypatch.setattr(ItemIndex, "search", spy)
+    co = SearchCoalescer()
+    got = await asyncio.gather(*(co.search(idx, t, v, k, ex) for t, v, k, ex in specs))
+    assert got == expected
+    assert sorted(calls) == [("A", 8), ("B", 12)]  # one call per domain for the whole tick
+
+
+async def test_a_failing_search_fails_its_waiters_only_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    idx = _index()
+
+    def boom(*a: Any, **k: Any) -> Any:
+        raise RuntimeError("faiss on fire")
+
+    monkeypatch.setattr(ItemIndex, "search", boom)
+    co = SearchCoalescer()
+    vec = np.ones(16, dtype=np.float32)
+    res = await asyncio.gather(
+        *(co.search(idx, ["A"], vec, 3, set()) for _ in range(3)), return_exceptions=True
+    )
+    assert all(isinstance(r, RuntimeError) for r in res)
+    monkeypatch.undo()
+    assert len((await co.search(idx, ["A"], vec, 3, set()))["A"]) == 3  # recovers
+
+
+async def test_requests_of_one_forward_share_the_search(
+    make_settings: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    real = ItemIndex.search
+
+    def spy(self: ItemIndex, domain: str, q: np.ndarray, k: int, exclude: Any = ()) -> Any:
+        calls.append(q.reshape(-1, self.dim).shape[0])
+        return real(self, domain, q, k, exclude)
+
+    enc = FakeEncoder(dim=32)
+    engine = Engine(
+        make_settings(max_wait_ms=200.0, batch_coalesce_ms=0, batch_max_padding="none"), encoder=enc
+    )
+    await engine.start()
+    try:
+        monkeypatch.setattr(ItemIndex, "search", spy)
+        titles = ["Espresso Coffee Pods", "Green Tea Bags", "Space Opera Saga", "Honey"]
+        reqs = [
+            RecommendRequest(
+                history=[TitleEntry(title=t, domain="Groceries")], target_domains=["Groceries"]
+            )
+            for t in titles
+        ]
+        out = await asyncio.gather(*(engine.recommend(r) for r in reqs))
+    finally:
+        await engine.stop()
+    assert enc.batch_sizes[-1] == 4, enc.batch_sizes  # one forward for the four requests...
+    assert calls == [4]  # ...and one search for them
+    # k=10 over 6 Groceries items; the first two histories are catalogue items, excluded
+    assert [len(r.results["Groceries"]) for r in out] == [5, 5, 6, 6]
