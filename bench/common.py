@@ -262,6 +262,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def redis_server_argv(
+    port: int, workdir: Path | None = None, binary: str = "redis-server"
+) -> list[str]:
+    """The command line of the benchmarks' own redis-server: loopback only, nothing persisted."""
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    argv += ["--protected-mode", "yes"]
+    return argv + (["--dir", str(workdir)] if workdir is not None else [])
+
+
 @contextlib.contextmanager
 def redis_server() -> Iterator[str]:
     """A private redis-server on a free loopback port (no persistence), stopped at exit.
@@ -275,19 +284,7 @@ def redis_server() -> Iterator[str]:
         return
     port = free_port()
     proc = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--protected-mode",
-            "yes",
-        ],
+        redis_server_argv(port),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--full", action="store_true")
-    ap.add_argument("--users", type=int, default=None, help="quality users (quick 400, full 5000)")
+    ap.add_argument("--users", type=int, default=None, help="quality users (quick 400, full: all)")
     args = ap.parse_args(argv)
     full = args.full and not args.quick
     cmd = "python -m bench.encoder " + ("--full" if full else "--quick")
@@ -194,10 +194,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cmd += f" --users {args.users}"
     # Zero-shot MiniLM puts ~1.4% of Food targets in the top 10 (100 users gave 1 hit, 400 give
     # ~10) and fewer Kitchen ones (4,000 users of both domains gave 34). Full mode scores every
-    # Food test user (the split has 3,343; 5,000 is a cap): 48 fp32 hits, still short of
-    # MIN_HITS, so the int8 decision stays "undecided" until the rule or the sample changes.
-    n_users = args.users or (5000 if full else 400)
+    # Food test user (the split has 3,343): 48 fp32 hits, still short of MIN_HITS, so the int8
+    # decision stays "undecided" until the rule or the sample changes.
     fk = load_fk()
+    n_users = args.users or (len(fk.cases) if full else 400)  # subset() caps at the Food pool
     variants = list(VARIANTS)
     rows = speed(
         "minilm-l6",

@@ -43,17 +43,13 @@ import httpx
 import numpy as np
 import psutil
 
+from bench.common import free_port, redis_server_argv
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "soak.json"
 DOC = REPO / "docs" / "benchmarks.md"
 TOKEN = "soak-admin-token-5b1d"
 REDIS_RETRY_S = 2.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Redis:
@@ -66,19 +62,7 @@ class Redis:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [
-                str(self.binary),
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
+            redis_server_argv(self.port, self.workdir, str(self.binary)),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -28,9 +28,9 @@ class Behaviour:
 def normalise_title(title: str) -> str:
     """NFC, control characters removed, whitespace collapsed: equal titles give equal text.
 
-    Runs for every history entry of every request: ``str.isprintable`` (false for any category
-    C character) skips the per-character pass for the usual clean title, which had been a third
-    of the event loop's busy time under load (perf, issue 5).
+    Runs for every history entry of every request on the event loop: ``str.isprintable`` (false
+    for any category C character) skips the per-character pass for the usual clean title (perf,
+    issue 5; the fast path is tested against the definition).
     """
     if not unicodedata.is_normalized("NFC", title):
         title = unicodedata.normalize("NFC", title)

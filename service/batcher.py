@@ -1,8 +1,9 @@
 """Dynamic batching: concurrent cache misses share one forward pass.
 
 Requests are tokenised in a small thread pool (off the event loop), queued in a bounded queue,
-and a single worker drains the queue into batches capped by size, by a padded-token budget, and by
-how long the first request waits. The forward pass runs on one dedicated "device" thread, so the
+and a single worker drains the queue into batches capped by size and by a padded-token budget;
+a batch waits for as many requests as the last one served (``coalesce_ms``) or, with that off,
+for ``max_wait_ms``. The forward pass runs on one dedicated "device" thread, so the
 event loop keeps answering (``/live``, cache hits) while the model computes, and torch releases
 the GIL inside its kernels. A full queue is a 429, not an unbounded latency.
 """
@@ -34,8 +35,8 @@ def device_thread() -> ThreadPoolExecutor:
     torch's OpenMP runtime (libgomp) keeps a thread team for each thread that has run a parallel
     region, and once the process holds more of those threads than CPUs it stops spin-waiting
     between regions: every op then puts its team to sleep and wakes it again. Loading the weights
-    on any other thread was enough for that on 2 cores (MiniLM forwards at batch 1: 45 seq/s
-    against 67 with load and forwards on one thread; perf, issue 5).
+    on any other thread was enough for that on 2 cores (perf, issue 5;
+    tests/perf/test_perf_device_thread.py pins the placement).
     """
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="cprec-device")
 

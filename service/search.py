@@ -79,10 +79,15 @@ class SearchCoalescer:
     async def _run(batch: list[_Search]) -> None:
         try:
             results = await asyncio.to_thread(search_many, batch)
-        except Exception as exc:  # noqa: BLE001 - every waiter gets the error
+        except BaseException as exc:  # every waiter gets the error, or is cancelled with us
             for s in batch:
                 if not s.future.done():
-                    s.future.set_exception(exc)
+                    if isinstance(exc, Exception):
+                        s.future.set_exception(exc)
+                    else:
+                        s.future.cancel()
+            if not isinstance(exc, Exception):
+                raise
         else:
             for s, r in zip(batch, results, strict=True):
                 if not s.future.done():

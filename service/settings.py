@@ -84,8 +84,8 @@ class Settings(BaseSettings):
         "last batch plus what queued behind it); once reached it goes at once, so a lone client "
         "never waits. Under load the clients' requests then share one forward instead of "
         "alternating cohorts, and their HTTP work runs between forwards instead of beside them. "
-        "0: off (max_wait_ms instead). auto = 50 on CPU (bench/serve.py: whole cohorts of 32 "
-        "need ~40 ms of event-loop work to come back), 0 on a GPU (no core contention there).",
+        "0: off (max_wait_ms instead). auto = 50 on CPU (a cohort of 32 clients needs tens of ms "
+        "of event-loop work to come back; bench/serve.py), 0 on a GPU (no core contention there).",
     )
     batch_token_budget: int = Field(
         default=16384, ge=64, description="Max padded tokens (batch x longest) per forward pass."

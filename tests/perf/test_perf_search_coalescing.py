@@ -107,3 +107,25 @@ async def test_requests_of_one_forward_share_the_search(
     assert calls == [4]  # ...and one search for them
     # k=10 over 6 Groceries items; the first two histories are catalogue items, excluded
     assert [len(r.results["Groceries"]) for r in out] == [5, 5, 6, 6]
+
+
+async def test_a_cancelled_search_batch_cancels_its_waiters(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import threading
+
+    idx = _index()
+    real = ItemIndex.search
+
+    def slow(*a: Any, **k: Any) -> Any:
+        threading.Event().wait(0.3)
+        return real(*a, **k)
+
+    monkeypatch.setattr(ItemIndex, "search", slow)
+    co = SearchCoalescer()
+    waiter = asyncio.create_task(co.search(idx, ["A"], np.ones(16, dtype=np.float32), 3, set()))
+    await asyncio.sleep(0.05)  # the batch is running in its thread
+    for t in list(co._tasks):
+        t.cancel()  # e.g. shutdown
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(waiter, 5)  # cancelled, not left hanging
