@@ -55,12 +55,14 @@ def summarise(
             targets.update(json.loads(path.read_text()).get("targets", {}))
     targets.update(gpu_targets(mode))
     old = d / "summary.json"
-    if old.is_file():  # a partial run (--only) keeps the other benchmarks' timings
-        timings = {**json.loads(old.read_text()).get("seconds", {}), **timings}
+    prev = json.loads(old.read_text()) if old.is_file() else {}
+    # a partial run (--only) keeps the other benchmarks' timings; --docs-only (created_at
+    # given) also keeps the run's device reading instead of taking one now
+    timings = {**prev.get("seconds", {}), **timings}
     summary = {
         "mode": mode,
         "created_at": created_at or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "device": device_info(),
+        "device": prev.get("device") if created_at and prev.get("device") else device_info(),
         "seconds": timings,
         "runs": {  # when each benchmark ran and how loaded the shared machine was
             n: {
