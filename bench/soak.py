@@ -138,6 +138,9 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         "CPREC_BASE_MODEL": args.model,
         "CPREC_LOG_LEVEL": "WARNING",
         "CPREC_FAISS_GPU": "false",
+        # Repeats must reach Redis: the ranked-list cache would answer them in process, and the
+        # soak is about the user-vector cache failing and coming back.
+        "CPREC_RESULT_CACHE_SIZE": "0",
     }
     log = open(work / "service.log", "wb")
     proc = subprocess.Popen(

@@ -36,7 +36,7 @@ from service.protocol import (
     RecommendResponse,
     ScoredItem,
 )
-from service.search import SearchCoalescer
+from service.search import RankedLists, SearchCoalescer
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,7 @@ class Engine:
         self._write_lock = asyncio.Lock()
         self._job_tasks: set[asyncio.Task[None]] = set()
         self.searches = SearchCoalescer()
+        self.ranked = RankedLists(settings.result_cache_size)
 
     # -- lifecycle ---------------------------------------------------------------------------
     @property
@@ -244,6 +245,7 @@ class Engine:
 
     def _install(self, index: ItemIndex) -> None:
         self.index = index  # the one reference readers use
+        self.ranked.clear()  # keyed by snapshot version too; this frees the old lists
         self.metrics.index_size.clear()
         for d in index.domains:
             self.metrics.index_size.labels(d).set(index.size(d))
@@ -308,17 +310,19 @@ class Engine:
             )
         return list(req.target_domains)
 
-    async def user_vector(self, text: str) -> tuple[np.ndarray, bool, str]:
-        """The user vector, whether it came from the cache, and its cache key (the caller
-        stores a miss, beside its search)."""
-        key = cache_key(self.settings.redis_prefix, self._cache_namespace, text)
+    def user_key(self, text: str) -> str:
+        return cache_key(self.settings.redis_prefix, self._cache_namespace, text)
+
+    async def user_vector(self, key: str, text: str) -> tuple[np.ndarray, bool]:
+        """The user vector for ``text`` (cached under ``key``) and whether it came from the
+        cache; the caller stores a miss, beside its search."""
         vec = await self.cache.get(key)
         if vec is not None and vec.shape == (self.encoder.dim,):
             self.metrics.cache.labels("hit").inc()
-            return vec, True, key
+            return vec, True
         self.metrics.cache.labels("miss").inc()
         assert self.batcher is not None
-        return await self.batcher.embed(text), False, key
+        return await self.batcher.embed(text), False
 
     async def recommend(self, req: RecommendRequest) -> RecommendResponse:
         # Only a missing index refuses: while draining (/ready already 503) requests that reached
@@ -354,14 +358,23 @@ class Engine:
                 results=results,
             )
         text = self.template.render_history(behaviours)
-        vec, cached, key = await self.user_vector(text)
-        search = self.searches.search(idx, targets, vec, req.k, exclude)
-        if cached:
-            hits = await search
+        key = self.user_key(text)
+        ranked_key = self.ranked.key(idx.version, key, targets, req.k, exclude)
+        known = self.ranked.get(ranked_key)
+        if known is not None:
+            self.metrics.results.labels("hit").inc()
+            hits, cached = known, True
         else:
-            # Stored beside the search, not before it: the requests of one forward then issue
-            # their searches in the same tick and share one faiss call per domain.
-            hits, _ = await asyncio.gather(search, self.cache.set(key, vec))
+            self.metrics.results.labels("miss").inc()
+            vec, cached = await self.user_vector(key, text)
+            search = self.searches.search(idx, targets, vec, req.k, exclude)
+            if cached:
+                hits = await search
+            else:
+                # Stored beside the search, not before it: the requests of one forward then
+                # issue their searches in the same tick and share one faiss call per domain.
+                hits, _ = await asyncio.gather(search, self.cache.set(key, vec))
+            self.ranked.put(ranked_key, hits)
         for d, rows in hits.items():
             results[d] = [
                 ScoredItem(item_id=idx.items[r].item_id, title=idx.items[r].title, score=s)

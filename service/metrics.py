@@ -23,6 +23,12 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
             registry=r,
         )
+        self.batch_requests = Histogram(
+            "cprec_batch_requests",
+            "Requests per coalesced batch (a batch may run as several forwards)",
+            buckets=(1, 2, 4, 8, 16, 24, 32, 64, 128, 256),
+            registry=r,
+        )
         self.queue_depth = Gauge("cprec_queue_depth", "Encodes waiting for the device", registry=r)
         self.encode_seconds = Histogram(
             "cprec_encode_seconds", "Forward pass time", buckets=_LATENCY_BUCKETS, registry=r
@@ -30,6 +36,9 @@ class Metrics:
         self.cache = Counter(
             "cprec_cache_total", "User-vector cache lookups", ["result"], registry=r
         )  # hit | miss | error
+        self.results = Counter(
+            "cprec_result_cache_total", "Ranked-list cache lookups", ["result"], registry=r
+        )  # hit | miss
         self.index_size = Gauge("cprec_index_items", "Items per domain", ["domain"], registry=r)
         self.reindex_jobs = Counter(
             "cprec_reindex_jobs_total", "Reindex jobs", ["state"], registry=r

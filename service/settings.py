@@ -148,6 +148,13 @@ class Settings(BaseSettings):
     )
     cache_ttl_s: int = Field(default=3600, ge=1, description="User-vector TTL.")
     lru_size: int = Field(default=10000, ge=0, description="In-process cache entries (no Redis).")
+    result_cache_size: int = Field(
+        default=10000,
+        ge=0,
+        description="Ranked lists of recent requests kept in process, per index snapshot: an "
+        "identical request is answered without Redis or a search (emptied by a reindex swap). "
+        "0 = off.",
+    )
     # index
     index_kind: Literal["flat", "hnsw"] = Field(
         default="flat", description="flat = exact; hnsw = approximate for large catalogues."

@@ -43,8 +43,11 @@ async def _until_cached(client: Any, body: dict[str, Any], timeout: float = 10) 
 
 
 def _settings(url: str) -> dict[str, Any]:
+    # The ranked-list cache is off: a repeated request would be answered without Redis, and
+    # these tests are about the user-vector cache in Redis.
     return {"admin_token": TOKEN, "redis_url": url, "redis_retry_s": RETRY_S,
-            "redis_timeout_s": 0.1, "redis_prefix": f"cprec-rel-{uuid.uuid4().hex[:8]}"}
+            "redis_timeout_s": 0.1, "redis_prefix": f"cprec-rel-{uuid.uuid4().hex[:8]}",
+            "result_cache_size": 0}
 
 
 async def test_redis_unreachable_at_start_then_back(app_client: Any, tmp_path: Path) -> None:
@@ -104,7 +107,9 @@ async def test_redis_stopped_mid_traffic_and_restarted(app_client: Any, tmp_path
 
 
 async def test_redis_never_configured_uses_lru(app_client: Any) -> None:
-    async with app_client(admin_token=TOKEN, redis_url=None) as (client, engine, _):
+    async with app_client(admin_token=TOKEN, redis_url=None, result_cache_size=0) as (
+        client, engine, _
+    ):
         assert engine.cache.kind == "lru"
         body = _history(5, engine.index.domains[0])
         assert (await client.post("/recommend", json=body)).json()["cached"] is False

@@ -277,18 +277,21 @@ async def test_metrics_exposes_counters(app_client: Callable[..., Any]) -> None:
     async with app_client() as (client, _, _):
         req = {"history": [COFFEE], "k": 2}
         await client.post("/recommend", json=req)
-        await client.post("/recommend", json=req)
+        await client.post("/recommend", json={**req, "k": 3})  # same user, new answer: vector hit
+        await client.post("/recommend", json=req)  # the same answer again: ranked-list hit
         await client.post("/recommend", json={"history": [{"item_id": "zzz"}]})
         r = await client.get("/metrics")
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
         m = r.text
-        assert 'cprec_requests_total{route="/recommend",status="200"} 2.0' in m
+        assert 'cprec_requests_total{route="/recommend",status="200"} 3.0' in m
         assert 'cprec_requests_total{route="/recommend",status="422"} 1.0' in m
         assert 'cprec_cache_total{result="hit"} 1.0' in m
         assert 'cprec_cache_total{result="miss"} 1.0' in m
+        assert 'cprec_result_cache_total{result="hit"} 1.0' in m
+        assert 'cprec_result_cache_total{result="miss"} 2.0' in m
         assert "cprec_batch_size_count" in m and "cprec_batch_size_sum" in m
         assert 'cprec_index_items{domain="Books"} 5.0' in m
         assert 'cprec_index_items{domain="Groceries"} 6.0' in m
-        assert 'cprec_request_seconds_count{route="/recommend"} 3.0' in m
+        assert 'cprec_request_seconds_count{route="/recommend"} 4.0' in m
         assert 'cprec_errors_total{code="validation_error"} 1.0' in m
         assert "cprec_ready 1.0" in m and "cprec_queue_depth" in m

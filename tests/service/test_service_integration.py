@@ -92,7 +92,8 @@ async def test_app_serves_when_redis_is_down(make_settings: Any) -> None:
     from service.encoder import FakeEncoder
 
     settings = make_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0",
-                             redis_timeout_s=0.05, redis_retry_s=30)
+                             redis_timeout_s=0.05, redis_retry_s=30,
+                             result_cache_size=0)  # the repeat must reach the cache
     app = create_app(engine=Engine(settings, encoder=FakeEncoder(), model_version="fake-v1"))
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
