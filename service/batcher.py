@@ -224,6 +224,8 @@ class Batcher:
                 continue
             self._inflight = len(live)
             self._gauge()
+            if self.metrics is not None:
+                self.metrics.batch_requests.observe(len(live))
             try:
                 vecs = await self.run_on_device(self._forward, [ids for ids, _ in live])
             except asyncio.CancelledError:

@@ -223,3 +223,21 @@ async def test_coalescing_forgets_clients_that_left() -> None:
         await b.stop()
     assert enc.batch_sizes[-4:] == [1, 1, 1, 1]
     assert elapsed < 0.15 + 4 * 0.02 + 0.5
+
+
+async def test_metrics_count_requests_per_batch_apart_from_forwards() -> None:
+    """A coalesced batch split into length-sorted forwards is one batch of requests in
+    ``cprec_batch_requests`` and several forwards in ``cprec_batch_size``."""
+    enc = FakeEncoder()
+    metrics = Metrics()
+    texts = [" ".join(["word"] * (1 + 3 * i)) for i in range(8)]  # lengths 1..22 tokens
+    b = await _batcher(enc, metrics=metrics, max_batch_size=64, max_wait_ms=200, max_padding=0.0)
+    try:
+        await asyncio.gather(*(b.embed(t) for t in texts))
+    finally:
+        await b.stop()
+    sample = metrics.registry.get_sample_value
+    batches, requests = sample("cprec_batch_requests_count"), sample("cprec_batch_requests_sum")
+    assert requests == len(texts)
+    assert batches is not None and batches < len(enc.batch_sizes)
+    assert sample("cprec_batch_size_count") == len(enc.batch_sizes)
