@@ -1,4 +1,4 @@
-"""``python -m bench [--quick|--full] [--only serve,encoder,...] [--docs-only]``
+"""``python -m bench [--quick|--full] [--only serve,encoder,...] [--models a,b] [--docs-only]``
 
 Runs the four performance benchmarks one after another (each in its own process, so one model's
 threads and memory never leak into the next measurement), then writes
@@ -69,6 +69,10 @@ def summarise(
                 "created_at": r.get("created_at"),
                 "command": r.get("command"),
                 "loadavg_at_start": round(r.get("device", {}).get("loadavg_at_start", -1), 1),
+                # machines differ (this workplace lends CPUs with and without native bf16,
+                # which sets the service's CPU dtype): each run says which one it had
+                "avx512_bf16": r.get("device", {}).get("avx512_bf16"),
+                "cuda": r.get("device", {}).get("cuda"),
             }
             for n in BENCHES
             if (r := _load(d, n))
@@ -120,6 +124,18 @@ def render(mode: str) -> str:
         if peak > 3.0
         else " (about the benchmarks' own load of ~2)"
     )
+    kinds = {(r.get("avx512_bf16"), r.get("cuda")) for r in s.get("runs", {}).values()}
+    bf16 = dev.get("avx512_bf16")
+    dtype_note = (
+        f" Native bf16: {'yes' if bf16 else 'no'}, so the service's CPU dtype is "
+        f"{'bf16' if bf16 else 'fp32'} (`CPREC_DTYPE=auto`)."
+        + (
+            " **The benchmarks below ran on different machines** (see each run's device in "
+            "`summary.json`); compare ratios within one benchmark only."
+            if len(kinds) > 1
+            else ""
+        )
+    )
     secs = s.get("seconds", {})
     wall_note = (
         "Wall time per benchmark: "
@@ -148,7 +164,8 @@ def render(mode: str) -> str:
         f"{loads}{busy_note}. Every target is a ratio of two conditions measured side by side "
         "in the same run, in interleaved rounds. GPU rows: "
         + ("see the tables. " if dev.get("cuda") else "not run, no GPU lent to this machine. ")
-        + wall_note,
+        + wall_note
+        + dtype_note,
         "",
         "Optimisations in the code, each pinned by a behaviour test in `tests/perf/`: one device "
         "thread loads the model and runs every torch op (torch's libgomp stops spin-waiting between"
@@ -162,7 +179,9 @@ def render(mode: str) -> str:
         "sleeping is 0.2 ms (`GOMP_SPINCOUNT=20000`, set when `cprec` is imported, before torch); "
         "request metrics are plain ASGI middleware; `normalise_title` skips its per-character pass "
         "for printable titles; the searches of concurrent requests share one faiss call per domain "
-        "(`service/search.py`); faiss searches run with one OpenMP thread per call "
+        "(`service/search.py`); a repeated request is answered from an in-process cache of ranked "
+        "lists per index snapshot, without Redis or a search (`CPREC_RESULT_CACHE_SIZE`); faiss "
+        "searches run with one OpenMP thread per call "
         "(`CPREC_FAISS_SEARCH_THREADS=1`) so they do not stall beside the encoder's threads; "
         "reindex embeds length-sorted batches on the device thread; tokenisation, forward and "
         "search run off the event loop; `CPREC_QUANTIZE=int8` is an option, off by default (see its"
@@ -254,8 +273,15 @@ def render(mode: str) -> str:
             "",
             f"Real uvicorn processes, real Redis, {srv['catalog_items']} FK catalogue "
             "items; FK-LOO test histories as title entries; closed-loop load on 127.0.0.1. "
-            "miss = each history sent once; hit = histories already answered. "
-            "p99_spread = p99 / p50.",
+            "miss = each history sent once; hit = requests already answered (the ranked "
+            "list is cached); hit-vector = answered histories with a new k (the user vector "
+            "comes from Redis, the search runs). p99_spread = p99 / p50 over the rounds "
+            "pooled; p99_gap_ms = p99 - p50 and round_spread = p99 / p50 within each round "
+            "(median over rounds). The batching spread target compares p99_gap_ms: in a closed "
+            "loop that saturates the CPU a request waits about one batch's forwards (batching "
+            "on) or the forwards queued ahead of it (off), both a sum over about 32 histories, "
+            "so p99 / p50 comes out alike either way, while the tail in milliseconds shrinks "
+            "with the forwards.",
             "",
         ]
         lines += _table(
@@ -272,6 +298,8 @@ def render(mode: str) -> str:
                 "p95_ms",
                 "p99_ms",
                 "p99_spread",
+                "p99_gap_ms",
+                "round_spread",
             ],
         )
         lines += [
@@ -381,6 +409,7 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="the full grid (long)")
     ap.add_argument("--only", default="", help="comma-separated subset of " + ",".join(BENCHES))
     ap.add_argument("--docs-only", action="store_true", help="regenerate docs from results")
+    ap.add_argument("--models", default="", help="encoders for bench.serve (see its --help)")
     args = ap.parse_args()
     mode = "full" if args.full and not args.quick else "quick"
     timings: dict[str, float] = {}
@@ -390,7 +419,8 @@ def main() -> None:
         for name in names:
             t0 = time.perf_counter()
             print(f"\n==== bench.{name} --{mode}", flush=True)
-            rc = subprocess.call([PY, "-m", f"bench.{name}", f"--{mode}"], cwd=REPO)
+            extra = ["--models", args.models] if name == "serve" and args.models else []
+            rc = subprocess.call([PY, "-m", f"bench.{name}", f"--{mode}", *extra], cwd=REPO)
             timings[name] = round(time.perf_counter() - t0, 1)
             if rc != 0:
                 failed.append(name)
