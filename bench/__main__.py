@@ -318,7 +318,8 @@ def render(mode: str) -> str:
                 "",
                 "Device thread during the highest-concurrency rounds (from each service's "
                 "`/metrics`): the busy share of wall time, and sequences/s inside the forward "
-                "passes (compare with the raw encoder above):",
+                "passes (compare with the raw encoder above); mean_batch = texts per forward, "
+                "requests_per_batch = requests per coalesced batch:",
                 "",
             ]
             lines += _table(
@@ -329,6 +330,7 @@ def render(mode: str) -> str:
                     "concurrency",
                     "forwards",
                     "mean_batch",
+                    "requests_per_batch",
                     "device_busy",
                     "seq_s_in_forward",
                 ],

@@ -244,6 +244,7 @@ async def bench_model(
             "concurrency": max(plan["concurrency"]),
             "forwards": int(d["forwards"]),
             "mean_batch": round(d["texts"] / max(d["forwards"], 1), 1),
+            "requests_per_batch": round(d["texts"] / d["batches"], 1) if d["batches"] else None,
             "device_busy": round(d["forward_s"] / max(d["wall_s"], 1e-9), 3),
             "seq_s_in_forward": round(d["texts"] / max(d["forward_s"], 1e-9), 2),
         }
@@ -256,6 +257,7 @@ COUNTERS = {  # Prometheus sample -> our name
     "cprec_encode_seconds_sum": "forward_s",
     "cprec_encode_seconds_count": "forwards",
     "cprec_batch_size_sum": "texts",
+    "cprec_batch_requests_count": "batches",  # coalesced batches (each may be several forwards)
 }
 
 

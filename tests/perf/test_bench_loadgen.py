@@ -78,3 +78,18 @@ async def test_a_dead_server_is_a_failed_request_not_a_crash() -> None:
 def test_only_loopback_is_targeted() -> None:
     with pytest.raises(ValueError, match="127.0.0.1"):
         HTTPConn("http://example.com:80")
+
+
+def test_merge_keeps_the_tail_per_round() -> None:
+    """Rounds run at different machine speeds: pooled, a slow round's p50 becomes the fast
+    round's tail; p99_gap_ms and round_spread are taken inside each round, then the median."""
+    from bench.common import LoadResult
+    from bench.serve import merge
+
+    fast = LoadResult([1.0] * 95 + [1.2] * 5, 100, 0, {"200": 100}, 10.0)
+    slow = LoadResult([2.0] * 95 + [2.4] * 5, 100, 0, {"200": 100}, 20.0)
+    m = merge([fast, slow])
+    assert m["requests"] == 200 and m["rps"] == round(200 / 30.0, 2)
+    assert m["p99_spread"] == pytest.approx(2.4 / 1.6)  # pooled: the slow round is the tail
+    assert m["p99_gap_ms"] == pytest.approx((200 + 400) / 2)  # per round, then the median
+    assert m["round_spread"] == pytest.approx(1.2)
