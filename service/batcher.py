@@ -2,7 +2,8 @@
 
 Requests are tokenised in a small thread pool (off the event loop), queued in a bounded queue,
 and a single worker drains the queue into batches capped by size and by a padded-token budget;
-a batch waits for as many requests as the last one served (``coalesce_ms``) or, with that off,
+a batch waits for as many requests as the last one served (up to ``coalesce_ms``, or
+``coalesce_share`` of the last batch's device time when that is longer) or, with coalescing off,
 for ``max_wait_ms``. The forward pass runs on one dedicated "device" thread, so the
 event loop keeps answering (``/live``, cache hits) while the model computes, and torch releases
 the GIL inside its kernels. A full queue is a 429, not an unbounded latency.
@@ -78,6 +79,7 @@ class Batcher:
         max_padding: float | None = None,
         device: ThreadPoolExecutor | None = None,
         coalesce_ms: float = 0.0,
+        coalesce_share: float = 0.0,
     ) -> None:
         self.encoder = encoder
         self.metrics = metrics
@@ -87,6 +89,13 @@ class Batcher:
         # Requests the last forward served plus those that queued behind it: how many clients
         # are active, so the next batch waits (up to coalesce_s) for that many, never longer.
         self._expect = 1
+        # The clients of a batch come back only after their searches and responses, which grow
+        # with the catalogue (36k items: a batch's search is tens of ms on 2 cores); one that
+        # misses the window waits the whole next batch and then its own, and the cohort splits.
+        # So the window also grows to coalesce_share of the last batch's device time: on a CPU
+        # a batch of 32 histories is seconds, and a tenth of it is cheaper than that straggler.
+        self.coalesce_share = coalesce_share
+        self._last_batch_s = 0.0
         self.token_budget = token_budget
         self.queue_size = queue_size
         self.enabled = enabled
@@ -189,16 +198,17 @@ class Batcher:
         width = len(first[0])
         t0 = time.monotonic()
         target = min(self._expect, self.max_batch_size)
+        window = max(self.coalesce_s, self.coalesce_share * self._last_batch_s)
         while len(batch) < self.max_batch_size:
             try:
                 nxt = self._queue.get_nowait()
             except asyncio.QueueEmpty:
                 if self.coalesce_s > 0:
-                    # Wait up to coalesce_s for the clients the last forward served to come
+                    # Wait (within the window) for the clients the last batch served to come
                     # back, and not at all once they are here (a lone client never waits).
                     if len(batch) >= target:
                         break
-                    wait = self.coalesce_s
+                    wait = window
                 else:
                     wait = self.max_wait_s  # fixed window for company
                 remaining = t0 + wait - time.monotonic()
@@ -216,6 +226,43 @@ class Batcher:
             width = new_width
         return batch
 
+    def _join_late(self, live: list[_Pending]) -> None:
+        """Requests queued since the batch started join its remaining forwards (up to the batch
+        size and token budget), instead of waiting for all of it and then their own batch."""
+        assert self._queue is not None
+        width = max(len(ids) for ids, _ in live)
+        while len(live) < self.max_batch_size and self._carry is None:
+            try:
+                nxt = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            if nxt[1].cancelled():
+                continue
+            if max(width, len(nxt[0])) * (len(live) + 1) > self.token_budget:
+                self._carry = nxt
+                break
+            live.append(nxt)
+            width = max(width, len(nxt[0]))
+        self._inflight = len(live)
+
+    async def _encode(self, live: list[_Pending]) -> np.ndarray:
+        """Vectors for ``live``, which may grow: with ``max_padding`` set (CPU) the batch runs
+        as several length-sorted forwards, and a request that arrives meanwhile (a client that
+        missed the window) joins the forwards still to come. It then finishes with its cohort
+        instead of after a whole extra batch, which had set the p99 of batched closed-loop load
+        (bench/serve.py, issue 5). One padded forward (GPU default) has nothing to join."""
+        if self.max_padding is None:
+            return await self.run_on_device(self._forward, [ids for ids, _ in live])
+        out: dict[int, np.ndarray] = {}
+        while len(out) < len(live):
+            todo = [i for i in range(len(live)) if i not in out]
+            first = padding_groups([len(live[i][0]) for i in todo], self.max_padding)[0]
+            rows = [todo[j] for j in first]
+            vecs = await self.run_on_device(self._forward, [live[i][0] for i in rows])
+            out.update(zip(rows, vecs, strict=True))
+            self._join_late(live)
+        return np.stack([out[i] for i in range(len(live))])
+
     async def _run(self) -> None:
         while True:
             batch = await self._collect()
@@ -224,10 +271,16 @@ class Batcher:
                 continue
             self._inflight = len(live)
             self._gauge()
-            if self.metrics is not None:
-                self.metrics.batch_requests.observe(len(live))
+            log.debug(
+                "batch of %d requests (expected %d, %d queued behind, carry %s)",
+                len(live),
+                self._expect,
+                self._queue.qsize() if self._queue else 0,
+                self._carry is not None,
+            )
+            t0 = time.perf_counter()
             try:
-                vecs = await self.run_on_device(self._forward, [ids for ids, _ in live])
+                vecs = await self._encode(live)  # live may grow: late joiners
             except asyncio.CancelledError:
                 for _, f in live:
                     if not f.done():
@@ -243,6 +296,9 @@ class Batcher:
                     if not f.done():
                         f.set_result(v)
             finally:
+                if self.metrics is not None:
+                    self.metrics.batch_requests.observe(len(live))
+                self._last_batch_s = time.perf_counter() - t0
                 self._inflight = 0
                 self._expect = len(live) + self.depth + (self._carry is not None)
                 self._gauge()

@@ -200,6 +200,7 @@ class Engine:
             max_batch_size=s.max_batch_size,
             max_wait_ms=s.max_wait_ms,
             coalesce_ms=s.resolved_coalesce_ms(_device_type(self.encoder)),
+            coalesce_share=s.batch_coalesce_share,
             token_budget=s.batch_token_budget,
             queue_size=s.queue_size,
             enabled=s.batching,

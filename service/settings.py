@@ -87,6 +87,15 @@ class Settings(BaseSettings):
         "0: off (max_wait_ms instead). auto = 50 on CPU (a cohort of 32 clients needs tens of ms "
         "of event-loop work to come back; bench/serve.py), 0 on a GPU (no core contention there).",
     )
+    batch_coalesce_share: float = Field(
+        default=0.1,
+        ge=0,
+        le=1,
+        description="With coalescing on, the window is at least this share of the last batch's "
+        "device time: clients come back after their searches and responses (tens of ms over a "
+        "36k-item catalogue), and one that misses the window waits a whole batch more. A client "
+        "that left costs one window, once (bench/serve.py --full, issue 5).",
+    )
     batch_token_budget: int = Field(
         default=16384, ge=64, description="Max padded tokens (batch x longest) per forward pass."
     )

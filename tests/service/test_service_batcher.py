@@ -164,14 +164,15 @@ class SlowEncoder(FakeEncoder):
         return super().core(batch)
 
 
-async def _closed_loop(b: Batcher, clients: int, rounds: int) -> None:
+async def _closed_loop(b: Batcher, clients: int, rounds: int, think_s: float = 0.0) -> None:
     """``clients`` callers, each sending its next request once the last one is answered, with a
-    few ms between them as an HTTP round trip would put there."""
+    few ms between them as an HTTP round trip would put there (plus ``think_s``: a search and
+    a response)."""
 
     async def client(c: int) -> None:
         for r in range(rounds):
             await b.embed(TEXTS[(c + r) % len(TEXTS)])
-            await asyncio.sleep(0.001 * (1 + c % 4))
+            await asyncio.sleep(think_s + (0.005 if think_s else 0.001) * (1 + c % 4))
 
     await asyncio.gather(*(client(c) for c in range(clients)))
 
@@ -191,6 +192,27 @@ async def test_closed_loop_clients_share_one_forward_when_coalescing(coalesce_ms
         assert steady and all(n == 8 for n in steady), enc.batch_sizes
     else:
         # Without coalescing the clients that come back late miss the batch (cohorts).
+        assert any(n < 8 for n in steady), enc.batch_sizes
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5])
+async def test_the_window_grows_with_the_last_batch_time(share: float) -> None:
+    """Clients that come back only after their search and response (35-50 ms here, longer than
+    the 10 ms window) still share one forward when the window grows to a share of the last
+    batch's device time (0.5 x 0.2 s); without it they miss the batch and the cohort splits."""
+    enc = SlowEncoder(0.2)
+    b = await _batcher(
+        enc, max_batch_size=32, max_wait_ms=0.5, coalesce_ms=10.0, coalesce_share=share
+    )
+    try:
+        await _closed_loop(b, clients=8, rounds=5, think_s=0.03)
+    finally:
+        await b.stop()
+    assert sum(enc.batch_sizes) == 40
+    steady = enc.batch_sizes[1:-1]
+    if share:
+        assert steady and all(n == 8 for n in steady), enc.batch_sizes
+    else:
         assert any(n < 8 for n in steady), enc.batch_sizes
 
 
@@ -241,3 +263,36 @@ async def test_metrics_count_requests_per_batch_apart_from_forwards() -> None:
     assert requests == len(texts)
     assert batches is not None and batches < len(enc.batch_sizes)
     assert sample("cprec_batch_size_count") == len(enc.batch_sizes)
+
+
+@pytest.mark.parametrize("max_padding", [0.0, None])
+async def test_a_late_request_joins_the_forwards_still_to_come(max_padding: float | None) -> None:
+    """On CPU a batch runs as several length-sorted forwards; a request that arrives during the
+    first one joins the later ones (one batch of 4 requests) and gets the same vector as alone.
+    With one padded forward (GPU default) there is nothing to join: it waits for its own batch."""
+    enc = BlockingEncoder()
+    metrics = Metrics()
+    texts = [" ".join(["word"] * n) for n in (1, 5, 9)]  # three lengths: three forwards at 0.0
+    late = " ".join(["late"] * 12)
+    b = await _batcher(
+        enc, metrics=metrics, max_batch_size=32, max_wait_ms=50, max_padding=max_padding
+    )
+    try:
+        first = [asyncio.create_task(b.embed(t)) for t in texts]
+        assert await asyncio.to_thread(enc.entered.wait, 10)  # the first forward is running
+        second = asyncio.create_task(b.embed(late))
+        while b._queue is not None and b._queue.empty():  # tokenised and queued
+            await asyncio.sleep(0.005)
+        enc.release.set()
+        out = await asyncio.gather(*first, second)
+    finally:
+        await b.stop()
+    np.testing.assert_allclose(
+        np.stack(out), FakeEncoder().encode([*texts, late], "query"), atol=1e-6
+    )
+    sample = metrics.registry.get_sample_value
+    if max_padding is not None:
+        assert sample("cprec_batch_requests_count") == 1  # one batch, four requests
+        assert sample("cprec_batch_requests_sum") == 4 and len(enc.batch_sizes) == 4
+    else:
+        assert sample("cprec_batch_requests_count") == 2 and enc.batch_sizes == [3, 1]

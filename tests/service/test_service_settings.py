@@ -135,3 +135,10 @@ def test_batch_coalesce_rejects_nonsense(monkeypatch: pytest.MonkeyPatch, bad: s
     monkeypatch.setenv("CPREC_BATCH_COALESCE_MS", bad)
     with pytest.raises(ValidationError, match="batch_coalesce_ms"):
         Settings()
+
+
+@pytest.mark.parametrize("bad", ["-0.1", "1.5", "half"])
+def test_batch_coalesce_share_rejects_nonsense(monkeypatch: pytest.MonkeyPatch, bad: str) -> None:
+    monkeypatch.setenv("CPREC_BATCH_COALESCE_SHARE", bad)
+    with pytest.raises(ValidationError, match="batch_coalesce_share"):
+        Settings()
