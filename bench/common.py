@@ -438,6 +438,13 @@ class HTTPConn:
         self.timeout_s = timeout_s
         self._rw: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
 
+    async def connect(self) -> None:
+        """Open the connection now (a refused one is left for ``request`` to count)."""
+        if self._rw is None:
+            with contextlib.suppress(*_HTTP_ERRORS):
+                async with asyncio.timeout(self.timeout_s):
+                    self._rw = await asyncio.open_connection(self.host, self.port)
+
     async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
         """(status, body); a broken connection raises OSError and is reopened next time."""
         head = (
@@ -499,12 +506,18 @@ async def drive(
 ) -> LoadResult:
     """Closed-loop load: ``concurrency`` workers (one keep-alive connection each) send ``bodies``
     in order (cycling when there are fewer bodies than requests), bounded by ``max_requests``
-    and ``max_s``; loopback only."""
+    and ``max_s``; loopback only.
+
+    The connections are opened before the clock starts: 32 connects at once were late enough
+    that part of the first cohort missed the service's first batch and waited two (the p99 of
+    a batched round; bench/serve.py --full, issue 5), a cost of the harness, not the service.
+    """
     lat: list[float] = []
     status: dict[str, int] = {}
     counters = {"next": 0, "ok": 0, "failed": 0, "cached": 0}
     payloads = [json.dumps(b).encode() for b in bodies]
     conns = [HTTPConn(url) for _ in range(concurrency)]
+    await asyncio.gather(*(c.connect() for c in conns))
     deadline = time.perf_counter() + max_s
 
     async def worker(conn: HTTPConn) -> None:
