@@ -189,7 +189,8 @@ def render(mode: str) -> str:
         "search run off the event loop; `CPREC_QUANTIZE=int8` is an option, off by default (see its"
         " row below). The load generator is a lean keep-alive HTTP/1.1 client "
         "(`bench.common.HTTPConn`): it shares the 2 cores with the service it measures, so it "
-        "spends as little CPU per request as it can.",
+        "spends as little CPU per request as it can, and opens its connections before each "
+        "round's clock starts.",
         "",
         "The overhead target compares the service with the raw encoder's best row, which "
         "includes batches split exactly as the service splits them (`forwards: split`): the "
@@ -282,8 +283,9 @@ def render(mode: str) -> str:
             "(median over rounds). The batching spread target compares p99_gap_ms: in a closed "
             "loop that saturates the CPU a request waits about one batch's forwards (batching "
             "on) or the forwards queued ahead of it (off), both a sum over about 32 histories, "
-            "so p99 / p50 comes out alike either way, while the tail in milliseconds shrinks "
-            "with the forwards.",
+            "so p99 / p50 comes out close either way, while the tail in milliseconds shrinks "
+            "with the forwards. A batched request's tail is a client that missed its cohort's "
+            "batch: on CPU it joins the batch's remaining forwards.",
             "",
         ]
         lines += _table(
