@@ -167,7 +167,8 @@ def render(mode: str) -> str:
         + wall_note
         + dtype_note,
         "",
-        "Optimisations in the code, each pinned by a behaviour test in `tests/perf/`: one device "
+        "Optimisations in the code, each pinned by a behaviour test (`tests/perf/`, and "
+        "`tests/service/test_service_batcher.py` for batching): one device "
         "thread loads the model and runs every torch op (torch's libgomp stops spin-waiting between"
         " ops once more threads than CPUs have run parallel regions; a load on another thread was "
         "enough to throttle every forward); bf16 weights on CPUs with native bf16 "
