@@ -508,9 +508,10 @@ async def drive(
     in order (cycling when there are fewer bodies than requests), bounded by ``max_requests``
     and ``max_s``; loopback only.
 
-    The connections are opened before the clock starts: 32 connects at once were late enough
-    that part of the first cohort missed the service's first batch and waited two (the p99 of
-    a batched round; bench/serve.py --full, issue 5), a cost of the harness, not the service.
+    The connections are opened before the clock starts: connection set-up is a cost of the
+    harness, not the service, and 32 connects at once can leave part of a round's first cohort
+    late for the service's first batch, to wait two (a batched round's p99; in a one-off
+    full-catalogue trace the first batch of a round held 25 of 32, issue 5).
     """
     lat: list[float] = []
     status: dict[str, int] = {}
