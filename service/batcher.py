@@ -173,22 +173,13 @@ class Batcher:
             self.metrics.queue_depth.set(self.depth)
 
     def _forward(self, batch: list[list[int]]) -> np.ndarray:
-        out: np.ndarray | None = None
-        for rows in self._split(batch):
-            t0 = time.perf_counter()
-            vecs = self.encoder.core([batch[i] for i in rows])  # [len(rows), D]
-            if out is None:
-                out = np.empty((len(batch), vecs.shape[1]), dtype=np.float32)
-            out[rows] = vecs
-            if self.metrics is not None:
-                self.metrics.encode_seconds.observe(time.perf_counter() - t0)
-                self.metrics.batch_size.observe(len(rows))
-        assert out is not None
-        return out
-
-    def _split(self, batch: list[list[int]]) -> list[list[int]]:
-        """Row groups for the forwards of one batch (see :func:`padding_groups`)."""
-        return padding_groups([len(ids) for ids in batch], self.max_padding)
+        """One forward pass on the device thread; a CPU batch is cut into these by ``_encode``."""
+        t0 = time.perf_counter()
+        vecs = self.encoder.core(batch)  # [len(batch), D]
+        if self.metrics is not None:
+            self.metrics.encode_seconds.observe(time.perf_counter() - t0)
+            self.metrics.batch_size.observe(len(batch))
+        return vecs
 
     async def _collect(self) -> list[_Pending]:
         assert self._queue is not None

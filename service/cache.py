@@ -14,11 +14,15 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
 
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
 
 
 def cache_key(prefix: str, model_version: str, user_text: str) -> str:
@@ -39,6 +43,37 @@ class UserVectorCache(ABC):
         return None
 
 
+class BoundedLRU(Generic[K, V]):
+    """A dict that keeps its ``size`` most recently used entries (``size=0``: keeps none)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._data: OrderedDict[K, V] = OrderedDict()
+
+    def get(self, key: K) -> V | None:
+        value = self._data.get(key)
+        if value is not None:
+            self._data.move_to_end(key)
+        return value
+
+    def put(self, key: K, value: V) -> None:
+        if self.size <= 0:
+            return
+        self._data[key] = value
+        self._data.move_to_end(key)
+        while len(self._data) > self.size:
+            self._data.popitem(last=False)
+
+    def pop(self, key: K) -> None:
+        self._data.pop(key, None)
+
+    def clear(self) -> None:
+        self._data.clear()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
 class LRUCache(UserVectorCache):
     """Bounded in-process cache with a TTL; the embedded default (one process, no Redis)."""
 
@@ -48,7 +83,7 @@ class LRUCache(UserVectorCache):
         self.size = size
         self.ttl_s = ttl_s
         self.clock = clock
-        self._data: OrderedDict[str, tuple[float, np.ndarray]] = OrderedDict()
+        self._data: BoundedLRU[str, tuple[float, np.ndarray]] = BoundedLRU(size)
 
     async def get(self, key: str) -> np.ndarray | None:
         hit = self._data.get(key)
@@ -56,18 +91,12 @@ class LRUCache(UserVectorCache):
             return None
         expires, vec = hit
         if self.clock() >= expires:
-            self._data.pop(key, None)
+            self._data.pop(key)
             return None
-        self._data.move_to_end(key)
         return vec
 
     async def set(self, key: str, vector: np.ndarray) -> None:
-        if self.size <= 0:
-            return
-        self._data[key] = (self.clock() + self.ttl_s, vector.astype(np.float32, copy=True))
-        self._data.move_to_end(key)
-        while len(self._data) > self.size:
-            self._data.popitem(last=False)
+        self._data.put(key, (self.clock() + self.ttl_s, vector.astype(np.float32, copy=True)))
 
     def __len__(self) -> int:
         return len(self._data)

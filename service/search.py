@@ -9,12 +9,12 @@ float32); on 2 cores that was what kept the device idle between forwards (perf, 
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from service.cache import BoundedLRU
 from service.index import ItemIndex
 
 Hits = dict[str, list[tuple[int, float]]]  # domain -> [(row, score)], best first
@@ -95,7 +95,7 @@ class SearchCoalescer:
                     s.future.set_result(r)
 
 
-class RankedLists:
+class RankedLists(BoundedLRU[Hashable, Hits]):
     """The ranked lists of recent requests, per index snapshot: a repeated request (a page
     reload, a retry, a client polling) skips the cache round-trip and the search, which
     dominates a cache hit once a catalogue is large (36k FK items: hit p50 10.5 ms against a
@@ -106,32 +106,8 @@ class RankedLists:
     swap empties it. ``size=0`` turns it off.
     """
 
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._data: OrderedDict[Hashable, Hits] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._data)
-
     @staticmethod
     def key(
         index_version: str, user_key: str, targets: Sequence[str], k: int, exclude: set[int]
     ) -> Hashable:
         return (index_version, user_key, tuple(targets), k, frozenset(exclude))
-
-    def get(self, key: Hashable) -> Hits | None:
-        hits = self._data.get(key)
-        if hits is not None:
-            self._data.move_to_end(key)
-        return hits
-
-    def put(self, key: Hashable, hits: Hits) -> None:
-        if self.size <= 0:
-            return
-        self._data[key] = hits
-        self._data.move_to_end(key)
-        while len(self._data) > self.size:
-            self._data.popitem(last=False)
-
-    def clear(self) -> None:
-        self._data.clear()

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.batcher import Batcher
+from service.batcher import Batcher, padding_groups
 from service.encoder import FakeEncoder, HFEncoder
 
 TEXTS = [
@@ -59,16 +59,15 @@ async def test_batched_equals_unbatched(
 
 
 def test_split_bounds_padding_and_covers_every_row_once() -> None:
-    b = Batcher(FakeEncoder(), max_padding=0.25)
     batch = [[0] * n for n in (200, 12, 256, 15, 250, 14, 60, 256)]
-    groups = b._split(batch)
+    groups = padding_groups([len(x) for x in batch], 0.25)
     assert sorted(i for g in groups for i in g) == list(range(len(batch)))
     for g in groups:
         lens = [len(batch[i]) for i in g]
         assert max(lens) * len(lens) <= 1.25 * sum(lens)
     assert len(groups) > 1
     # no limit: one forward in input order (the GPU default)
-    assert Batcher(FakeEncoder(), max_padding=None)._split(batch) == [list(range(len(batch)))]
+    assert padding_groups([len(x) for x in batch], None) == [list(range(len(batch)))]
 
 
 async def test_split_forwards_keep_request_order() -> None:
