@@ -162,7 +162,9 @@ def render(mode: str) -> str:
         f"{dev.get('torch', '?')}, {dev.get('torch_threads', '?')} threads, CUDA: "
         f"{dev.get('cuda') or 'none'}). 1-minute load average at each benchmark's start: "
         f"{loads}{busy_note}. Every target is a ratio of two conditions measured side by side "
-        "in the same run, in interleaved rounds. GPU rows: "
+        "in the same run, in interleaved rounds; the serving targets are medians of per-round "
+        "ratios (paired rounds below), with their range and how many rounds alone meet the goal "
+        "in the detail. GPU rows: "
         + ("see the tables. " if dev.get("cuda") else "not run, no GPU lent to this machine. ")
         + wall_note
         + dtype_note,
@@ -188,7 +190,8 @@ def render(mode: str) -> str:
         "(`CPREC_FAISS_SEARCH_THREADS=1`) so they do not stall beside the encoder's threads; "
         "reindex embeds length-sorted batches on the device thread; tokenisation, forward and "
         "search run off the event loop; `CPREC_QUANTIZE=int8` is an option, off by default (see its"
-        " row below). The load generator is a lean keep-alive HTTP/1.1 client "
+        " rows below: dynamic int8 makes a vector depend on its batch). The load generator is a "
+        "lean keep-alive HTTP/1.1 client "
         "(`bench.common.HTTPConn`): it shares the 2 cores with the service it measures, so it "
         "spends as little CPU per request as it can, and opens its connections before each "
         "round's clock starts.",
@@ -256,8 +259,11 @@ def render(mode: str) -> str:
                 "recall10",
                 "hits10",
                 "rel_loss_vs_fp32",
+                "ndcg_loss_ci95",
                 "mrr_full",
                 "mrr_rel_loss_vs_fp32",
+                "mrr_loss_ci95",
+                "top10_overlap",
             ],
         )
         lines += [
@@ -265,9 +271,23 @@ def render(mode: str) -> str:
             f"int8 speedup on histories at batch 1: {q['speedup_vs_fp32_history_b1']}x "
             f"vs fp32, {q['speedup_vs_default_history_b1']}x vs the default dtype; "
             f"on titles at batch 32 {q['speedup_vs_fp32_title_b32']}x vs fp32. "
-            f"Decision: **{decision}** (`CPREC_QUANTIZE` defaults to `none`; it is on only "
-            "when NDCG@10 and full-ranking MRR both lose under 2% relative to fp32 and int8 is "
-            "faster than the default dtype).",
+            + (
+                "Batch invariance (min cosine between one of 16 histories encoded alone and "
+                "in one batch with the others): "
+                + ", ".join(
+                    f"{k.removeprefix('batch_cos_min_')} {v}"
+                    for k, v in q.items()
+                    if k.startswith("batch_cos_min_")
+                )
+                + ". "
+                if "batch_cos_min_int8" in q
+                else ""
+            )
+            + f"Decision: **{decision}** (`CPREC_QUANTIZE` defaults to `none`; it is on only "
+            "when NDCG@10 and full-ranking MRR both lose under 2% relative to fp32, int8 is "
+            "faster than the default dtype, and a vector does not depend on its batch). "
+            "`*_ci95` are paired-bootstrap 95% intervals of the relative loss (users resampled "
+            "together); `top10_overlap` is the share of fp32's top 10 a variant keeps.",
         ]
     srv = _load(d, "serve")
     if srv:
@@ -318,6 +338,32 @@ def render(mode: str) -> str:
         lines += _table(srv["raw"], ["model", "batch", "forwards", "seq_s_median", "rounds"])
         lines += ["", "`GET /live` every 20 ms while `/recommend` runs at concurrency 32:", ""]
         lines += _table(srv["live"], ["model", "batching", "probes", "p50_ms", "p95_ms", "p99_ms"])
+        if srv.get("paired"):
+            lines += [
+                "",
+                "Paired rounds at concurrency 32: each round runs batching on, off and "
+                "on-single, then the raw encoder, within about a minute; the batching and "
+                "overhead targets are the medians of these per-round ratios (a ratio of medians "
+                "taken over a whole run mixed the drift between rounds into it: two full runs of "
+                "the same code gave overhead 0.82 and 0.97 that way). gap = p99 - p50 in the "
+                "round:",
+                "",
+            ]
+            lines += _table(
+                srv["paired"],
+                [
+                    "model",
+                    "round",
+                    "rps_on",
+                    "rps_off",
+                    "raw_best",
+                    "batching",
+                    "overhead",
+                    "gap_on_ms",
+                    "gap_off_ms",
+                    "gap_ratio",
+                ],
+            )
         if srv.get("device_thread"):
             lines += [
                 "",

@@ -92,9 +92,10 @@ class HFEncoder(Encoder):
         self.tokenizer = TextTokenizer(tok, max_length=max_length, is_decoder=is_decoder)
         self.model = load_backbone(model_dir, dtype=self.dtype).to(self.device)
         if quantize == "int8":
-            # Dynamic int8 with per-channel weight scales on every Linear (activations are
-            # quantised per batch at run time); off by default: bench/encoder.py measures its
-            # FK-LOO NDCG@10 loss and speedup against fp32 and bf16 (docs/benchmarks.md).
+            # Dynamic int8 with per-channel weight scales on every Linear. Activations are
+            # quantised with one scale per batch at run time, so a text's vector depends on the
+            # other texts in its batch; off by default for that reason. bench/encoder.py
+            # measures that, its FK-LOO NDCG@10 loss and its speed (docs/benchmarks.md).
             from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
             self.model = quantize_dynamic(

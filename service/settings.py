@@ -141,8 +141,9 @@ class Settings(BaseSettings):
 
     quantize: Literal["none", "int8"] = Field(
         default="none",
-        description="int8 = dynamic per-channel int8 Linear layers (CPU only). Off unless its "
-        "FK-LOO NDCG@10 loss is under 2% relative (docs/benchmarks.md): bf16 is faster here.",
+        description="int8 = dynamic per-channel int8 Linear layers (CPU only). Off by default: "
+        "it scales activations per batch, so a user's vector (and the cached one) depends on "
+        "who shared its batch; its FK-LOO NDCG@10 and speed are in docs/benchmarks.md.",
     )
     # cache
     redis_url: str | None = Field(

@@ -93,3 +93,25 @@ def test_merge_keeps_the_tail_per_round() -> None:
     assert m["p99_spread"] == pytest.approx(2.4 / 1.6)  # pooled: the slow round is the tail
     assert m["p99_gap_ms"] == pytest.approx((200 + 400) / 2)  # per round, then the median
     assert m["round_spread"] == pytest.approx(1.2)
+
+
+def test_targets_are_medians_of_paired_rounds() -> None:
+    """Each round's ratio pairs conditions measured a minute apart: a slow round slows both
+    sides, so the ratio survives drift that a ratio of run-wide medians would not."""
+    from bench.common import LoadResult
+    from bench.serve import paired_rounds, verdict
+
+    def rnd(rps: float, p50: float, p99: float) -> LoadResult:
+        lat = [p50] * 98 + [p99] * 2
+        return LoadResult(lat, 100, 0, {"200": 100}, 100 / rps)
+
+    on = [rnd(20, 1.0, 1.2), rnd(10, 2.0, 2.4), rnd(21, 1.0, 1.1)]
+    off = [rnd(16, 1.0, 1.5), rnd(8, 2.0, 3.0), rnd(20, 1.0, 1.2)]
+    rows = paired_rounds("m", on, off, [21.0, 10.5, 20.0])
+    assert [r["batching"] for r in rows] == [1.25, 1.25, 1.05]
+    assert [r["overhead"] for r in rows] == [pytest.approx(0.952, abs=1e-3), 0.952, 1.05]
+    assert [r["gap_ratio"] for r in rows] == [0.4, 0.4, 0.5]  # (p99 - p50) on / off
+    v = verdict([r["gap_ratio"] for r in rows], 1.0, "<")
+    assert v["met"] and v["rounds"] == 3 and v["rounds_met"] == 3 and v["median"] == 0.4
+    v = verdict([0.8, 0.95, 0.91], 0.9, ">=")
+    assert v["median"] == 0.91 and v["met"] and v["rounds_met"] == 2 and v["min"] == 0.8
