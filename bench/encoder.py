@@ -208,14 +208,16 @@ def quality(
 MIN_HITS = 50  # top-10 hits of the fp32 run below which a 2% quality difference is noise
 
 
-BATCH_COS = 1 - 1e-5  # a vector encoded in a batch vs alone: the service's batching pin
+# A vector encoded in a batch vs alone: fp32 gives 1.0 and bf16 rounding ~1 - 1.3e-5 (the
+# default dtype's own row in bench/results/encoder.json); dynamic int8 gave 0.968.
+BATCH_COS = 1 - 1e-4
 
 
 def int8_decision(quant: dict[str, Any], q_rows: list[dict[str, Any]]) -> tuple[bool, str]:
     """On only when NDCG@10 *and* full-ranking MRR lose under 2% relative to fp32, int8 is
     faster than the service's default dtype on histories (batch 1) and titles (batch 32), and a
-    vector does not depend on the batch it was encoded in (the service batches concurrent users
-    and caches what it gets; its batched and unbatched paths agree within 1e-5 cosine).
+    vector does not depend on the batch it was encoded in beyond rounding (the service batches
+    concurrent users and caches what it gets: a user's vector must not depend on its company).
 
     MRR over the full ranking is required too because a subset's NDCG@10 rests on a handful of
     top-10 hits and cannot resolve a 2% difference by itself.

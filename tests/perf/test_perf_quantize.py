@@ -63,7 +63,7 @@ def test_bf16_close_to_fp32(minilm_dir: Path) -> None:
 @pytest.mark.integration
 def test_int8_vectors_depend_on_the_batch(minilm_dir: Path) -> None:
     """Why int8 stays off: dynamic int8 scales activations per batch, so a user's vector changes
-    with who shared its batch; fp32 does not (the batching pin is 1e-5 cosine)."""
+    with who shared its batch; fp32 does not."""
     from bench.encoder import BATCH_COS, batch_invariance
 
     texts = TEXTS + ["Food: " + "Sea Salt Caramel Popcorn Family Size 12 Pack; " * 12]
