@@ -115,3 +115,10 @@ def test_targets_are_medians_of_paired_rounds() -> None:
     assert v["met"] and v["rounds"] == 3 and v["rounds_met"] == 3 and v["median"] == 0.4
     v = verdict([0.8, 0.95, 0.91], 0.9, ">=")
     assert v["median"] == 0.91 and v["met"] and v["rounds_met"] == 2 and v["min"] == 0.8
+
+
+def test_the_round_limit_is_one_configuration_not_the_max_of_each_round() -> None:
+    from bench.serve import round_limits
+
+    raw = {(1, "padded"): [40.0, 50.0, 39.0], (32, "split"): [45.0, 44.0, 46.0]}
+    assert round_limits(raw) == [45.0, 44.0, 46.0]  # best by median; round 2 is not 50
