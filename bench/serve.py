@@ -195,7 +195,11 @@ async def bench_model(
     with contextlib.ExitStack() as stack:
         svcs = {
             name: stack.enter_context(
-                run_service(catalog, redis_url, {**common, **env}, store_dir=store)
+                # the first start embeds the catalogue: SmolLM2 on the full 36k catalogue runs
+                # ~30 titles/s on a 2-core CPU, past run_service's default 10 minutes
+                run_service(
+                    catalog, redis_url, {**common, **env}, store_dir=store, startup_timeout_s=3600
+                )
             )
             for name, env in configs.items()
         }
