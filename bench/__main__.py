@@ -39,7 +39,7 @@ def gpu_targets(mode: str) -> dict[str, Any]:
             "target": 3.0,
             "met": False,
             "command": cmd,
-            "not_run": "no GPU lent",
+            "not_run": "no GPU machine lent to this task",
         }
     }
 
@@ -165,7 +165,7 @@ def render(mode: str) -> str:
         "in the same run, in interleaved rounds; the serving targets are medians of per-round "
         "ratios (paired rounds below), with their range and how many rounds alone meet the goal "
         "in the detail. GPU rows: "
-        + ("see the tables. " if dev.get("cuda") else "not run, no GPU lent to this machine. ")
+        + ("see the tables. " if dev.get("cuda") else "not run, no GPU machine lent to this task. ")
         + wall_note
         + dtype_note,
         "",
