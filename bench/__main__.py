@@ -350,14 +350,11 @@ def render(mode: str) -> str:
                 "Paired rounds at concurrency 32: each round runs batching on, off and "
                 "on-single, then the raw encoder, within about a minute; the batching and "
                 "overhead targets are the medians of these per-round ratios (a ratio of medians "
-                "taken over a whole run mixed the drift between rounds into it: two full runs of "
-                "the same code gave overhead 0.82 and 0.97 that way). raw_best = the raw "
-                "configuration that is best over the run (by median), read in that round; gap = "
-                "p99 - p50 in the round. A batched round's p99 is its slowest batch (1% of a "
-                "round is fewer requests than one batch of 32), and a batch's time is the sum of "
-                "its cohort's history lengths: in a one-off trace the slow rounds were whole "
-                "batches of 32 that took 0.90-0.95 s against a p50 of 0.64-0.75 s, not stragglers,"
-                " so the gap ratio swings between rounds while the median settles:",
+                "taken over a whole run mixes the drift between rounds into it). raw_best = the "
+                "raw configuration that is best over the run (by median), read in that round; "
+                "gap = p99 - p50 in the round. A batched round's p99 is its slowest batch (1% of "
+                "a round is fewer requests than one batch of 32), and a batch's time is the sum "
+                "of its cohort's history lengths, so the gap ratio swings between rounds:",
                 "",
             ]
             lines += _table(

@@ -93,8 +93,8 @@ def paired_rounds(
     limit, each ratio taken between conditions measured within a minute of each other.
 
     A ratio of medians over a whole run mixes the machine's drift between rounds into both
-    sides at different times (two full runs of the same code gave overhead 0.82 and 0.97, and
-    p99 - p50 ratios 0.51 and 1.16); a per-round ratio cancels the drift that both share.
+    sides at different times (two full runs of the same code once disagreed on both verdicts);
+    a per-round ratio cancels the drift that both share.
     """
     rows = []
     for i, (a, b, limit) in enumerate(zip(on, off, raw_best, strict=True)):
@@ -372,7 +372,7 @@ async def run(full: bool, models: list[str] | None = None) -> dict[str, Any]:
         # one round's drift moves the median less (two full runs with 3 rounds disagreed)
         "rounds": 7 if full else 3,
         # c32 rounds of 8 (quick) or 12 batches: with fewer the ramp-up and the tail dominate;
-        # quick stays under its 10-minute budget on a CPU without native bf16 (~2.3x slower)
+        # quick stays under its 10-minute budget on a CPU without native bf16 (slower forwards)
         "requests": {1: 24 if full else 8, 8: 64 if full else 32, 32: 384 if full else 256},
         "hit_requests": 400 if full else 100,
         "max_s": 120 if full else 60,
