@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,10 +211,27 @@ class TextTokenizer:
 
     Histories keep their *most recent* tokens (cut from the left); item titles keep their start.
     Decoders get EOS appended after truncation so the last-token pooling always sees it.
+
+    A fast (Rust) tokenizer is called through a private copy of its backend, whose truncation
+    and padding are switched off once and never set again: the transformers wrapper re-sets
+    them on every call (which makes concurrent calls unsafe, hence a lock) and holds the GIL,
+    while ``encode_batch`` on a copy nobody mutates is safe from any thread and releases the
+    GIL. The service tokenises each request in a small pool while the event loop serves
+    others; locked, 32 histories queued ~18 ms behind each other before every batch (perf,
+    issue 5). Slow tokenizers keep the wrapper, behind the lock.
     """
 
     def __init__(self, tokenizer, max_length: int, is_decoder: bool) -> None:  # type: ignore[no-untyped-def]
         self.tok = tokenizer
+        self._fast = None
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if getattr(tokenizer, "is_fast", False) and backend is not None:
+            from tokenizers import Tokenizer
+
+            self._fast = Tokenizer.from_str(backend.to_str())
+            self._fast.no_truncation()
+            self._fast.no_padding()
+        self._lock = threading.Lock()  # only for the slow path
         self.max_length = max_length
         self.is_decoder = is_decoder
         self.pad_id: int = int(tokenizer.pad_token_id)
@@ -230,8 +248,15 @@ class TextTokenizer:
                     break
         self.n_special = len(self.prefix) + len(self.suffix)
 
+    def raw_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids without special tokens or truncation; thread-safe."""
+        if self._fast is not None:
+            return [e.ids for e in self._fast.encode_batch(list(texts), add_special_tokens=False)]
+        with self._lock:
+            return self.tok(list(texts), add_special_tokens=False, truncation=False)["input_ids"]
+
     def __call__(self, texts: Sequence[str], kind: TextKind) -> list[list[int]]:
-        raw = self.tok(list(texts), add_special_tokens=False, truncation=False)["input_ids"]
+        raw = self.raw_ids(texts)
         budget = self.max_length - (1 if self.is_decoder else self.n_special)
         out: list[list[int]] = []
         for ids in raw:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -102,8 +101,6 @@ class HFEncoder(Encoder):
                 self.model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8
             )
         self.dim = int(self.model.config.hidden_size)
-        # HF fast tokenizers are not safe to call from several threads at once.
-        self._tok_lock = threading.Lock()
         log.info(
             "encoder %s on %s (%s%s), pooling=%s, dim=%d",
             self.name,
@@ -115,8 +112,7 @@ class HFEncoder(Encoder):
         )
 
     def pre(self, texts: Sequence[str], kind: TextKind) -> list[list[int]]:
-        with self._tok_lock:
-            return self.tokenizer(texts, kind)
+        return self.tokenizer(texts, kind)  # thread-safe (see TextTokenizer)
 
     def core(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         ids, mask = self.tokenizer.collate(batch)  # [B, T] each

@@ -151,3 +151,28 @@ def test_resolve_device_and_dtype() -> None:
     assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
     with pytest.raises(ValueError, match="unknown dtype"):
         resolve_dtype("int3", cpu)
+
+
+@pytest.mark.parametrize("which", ["bert", "llama"])
+def test_fast_path_matches_the_wrapper_and_is_thread_safe(which, bert_tok, llama_tok) -> None:  # type: ignore[no-untyped-def]
+    """The private Rust backend gives the wrapper's ids, also when called from many threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tok = bert_tok if which == "bert" else llama_tok
+    tt = TextTokenizer(tok, max_length=24, is_decoder=which == "llama")
+    assert tt._fast is not None
+    texts = [
+        f"Grocery: Dark roast coffee {i} ; Kitchen: Pour-over kettle, 1.2 L {'x ' * (i % 30)}"
+        for i in range(200)
+    ]
+    slow = TextTokenizer(tok, max_length=24, is_decoder=which == "llama")
+    slow._fast = None  # the transformers wrapper, behind its lock
+    for kind in ("query", "item"):
+        want = slow(texts, kind)
+        assert tt(texts, kind) == want
+        with ThreadPoolExecutor(4) as ex:
+            got = list(ex.map(lambda t, k=kind: tt([t], k)[0], texts))
+        assert got == want
+    # the wrapper's own truncation settings never reach the private copy
+    tok(texts[0], truncation=True, max_length=4)
+    assert tt(texts[:1], "item") == slow(texts[:1], "item")

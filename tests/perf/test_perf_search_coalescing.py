@@ -33,9 +33,11 @@ async def test_coalesced_answers_equal_single_searches(monkeypatch: pytest.Monke
     calls: list[tuple[str, int]] = []
     real = ItemIndex.search
 
-    def spy(self: ItemIndex, domain: str, q: np.ndarray, k: int, exclude: Any = ()) -> Any:
+    def spy(
+        self: ItemIndex, domain: str, q: np.ndarray, k: int, exclude: Any = (), **kw: Any
+    ) -> Any:
         calls.append((domain, q.reshape(-1, self.dim).shape[0]))
-        return real(self, domain, q, k, exclude)
+        return real(self, domain, q, k, exclude, **kw)
 
     specs = []
     for i in range(12):
@@ -82,9 +84,11 @@ async def test_requests_of_one_forward_share_the_search(
     calls: list[int] = []
     real = ItemIndex.search
 
-    def spy(self: ItemIndex, domain: str, q: np.ndarray, k: int, exclude: Any = ()) -> Any:
+    def spy(
+        self: ItemIndex, domain: str, q: np.ndarray, k: int, exclude: Any = (), **kw: Any
+    ) -> Any:
         calls.append(q.reshape(-1, self.dim).shape[0])
-        return real(self, domain, q, k, exclude)
+        return real(self, domain, q, k, exclude, **kw)
 
     enc = FakeEncoder(dim=32)
     engine = Engine(
