@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -109,10 +109,6 @@ class Batcher:
         self._carry: _Pending | None = None
         self._worker: asyncio.Task[None] | None = None
         self._inflight = 0
-        self._device_jobs = 0  # submitted to the device thread and not yet returned
-        # Awaited before each device job: the engine passes the search coalescer's wide_done,
-        # so a forward never shares the cores with a search using all of them.
-        self.before_device: Callable[[], Awaitable[None]] | None = None
 
     async def start(self) -> None:
         self._queue = asyncio.Queue(maxsize=self.queue_size)
@@ -134,28 +130,9 @@ class Batcher:
     def depth(self) -> int:
         return (self._queue.qsize() if self._queue else 0) + self._inflight
 
-    @property
-    def device_idle(self) -> bool:
-        """No device job running or submitted, and no encode queued or in a batch."""
-        return self._device_jobs == 0 and self.depth == 0
-
     async def run_on_device(self, fn: Any, *args: Any) -> Any:
         """Run ``fn`` on the device thread (the reindex job embeds through here)."""
-        loop = asyncio.get_running_loop()
-        self._device_jobs += 1  # busy from here: no wide search starts while we wait for one
-        try:
-            if self.before_device is not None:
-                await self.before_device()
-            job = self.device_pool.submit(fn, *args)
-        except BaseException:
-            self._device_jobs -= 1
-            raise
-
-        def done(_: object) -> None:  # when the thread is done, even if our awaiter is cancelled
-            self._device_jobs -= 1
-
-        job.add_done_callback(lambda f: loop.call_soon_threadsafe(done, f))
-        return await asyncio.wrap_future(job)
+        return await asyncio.get_running_loop().run_in_executor(self.device_pool, fn, *args)
 
     async def tokenize(self, texts: list[str], kind: TextKind) -> list[list[int]]:
         loop = asyncio.get_running_loop()

@@ -207,15 +207,6 @@ class Engine:
             max_padding=s.resolved_max_padding(_device_type(self.encoder)),
             device=device,
         )
-        import torch  # here, not at the top: cprec must load before torch (OpenMP settings)
-
-        idle_threads = s.resolved_idle_search_threads(
-            _device_type(self.encoder), torch.get_num_threads()
-        )
-        if idle_threads > 1:
-            batcher = self.batcher
-            self.searches.configure(lambda: batcher.device_idle, idle_threads)
-            self.batcher.before_device = self.searches.wide_done
         await self.batcher.start()
         await self.batcher.run_on_device(self.encoder.warmup)
         index = await asyncio.to_thread(self.index_store.load_latest, s.faiss_gpu, s.hnsw_ef_search)

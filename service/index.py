@@ -176,16 +176,9 @@ class ItemIndex:
         return int(self.rows_by_domain[domain].shape[0])
 
     def search(
-        self,
-        domain: str,
-        queries: np.ndarray,
-        k: int,
-        exclude: Iterable[int] = (),
-        threads: int | None = None,
+        self, domain: str, queries: np.ndarray, k: int, exclude: Iterable[int] = ()
     ) -> list[list[tuple[int, float]]]:
         """Top-k (row, score) per query [Q, D] within ``domain``, excluded rows removed.
-
-        ``threads``: OpenMP threads for this call (None = ``faiss_search_threads``).
 
         Over-fetches by the number of excluded rows in this domain, so the answer stays exact.
         """
@@ -195,13 +188,11 @@ class ItemIndex:
         if fetch == 0:
             return [[] for _ in range(queries.shape[0])]
         q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
-        threads = _SEARCH_THREADS if threads is None else threads
-        if threads and not self.on_gpu:
+        if _SEARCH_THREADS and not self.on_gpu:
             # Per calling thread (an OpenMP ICV), so the encoder's threads are untouched. Beside
             # a forward pass that already uses every core, faiss' spinning OpenMP team stalls
-            # (bench/search.py: batch 16 over 27k items 1.8 s with 2 threads, 0.08 s with 1);
-            # more than one only while the device is idle (service/search.py).
-            faiss.omp_set_num_threads(threads)
+            # (bench/search.py: batch 16 over 27k items 1.8 s with 2 threads, 0.08 s with 1).
+            faiss.omp_set_num_threads(_SEARCH_THREADS)
         scores, ids = self.indexes[domain].search(q, fetch)  # [Q, fetch] each
         out: list[list[tuple[int, float]]] = []
         for srow, irow in zip(scores, ids, strict=True):

@@ -116,13 +116,6 @@ class Settings(BaseSettings):
             raise ValueError("must be >= 0, auto or none")
         return v
 
-    @field_validator("faiss_idle_search_threads")
-    @classmethod
-    def _threads_range(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and not 0 <= v <= 1024:
-            raise ValueError("must be between 0 and 1024, or auto")
-        return v
-
     @field_validator("batch_coalesce_ms")
     @classmethod
     def _coalesce_range(cls, v: float | str) -> float | str:
@@ -136,13 +129,6 @@ class Settings(BaseSettings):
         if v == "auto":
             return CPU_COALESCE_MS if device_type == "cpu" else 0.0
         return float(v)
-
-    def resolved_idle_search_threads(self, device_type: str, torch_threads: int) -> int:
-        """``faiss_idle_search_threads`` for the device the encoder runs on (0 = off)."""
-        v = self.faiss_idle_search_threads
-        if v == "auto":
-            return torch_threads if device_type == "cpu" else 0
-        return int(v)
 
     def resolved_max_padding(self, device_type: str) -> float | None:
         """``batch_max_padding`` for the device the encoder runs on."""
@@ -192,13 +178,6 @@ class Settings(BaseSettings):
         le=1024,
         description="OpenMP threads per search call (0 = faiss default, all cores). One keeps a "
         "single-user search from fighting the encoder's threads for the same cores.",
-    )
-    faiss_idle_search_threads: int | Literal["auto"] = Field(
-        default="auto",
-        description="OpenMP threads for a search issued while the encoder is idle (a forward "
-        "then waits for it, a few ms); right after a batch its clients' searches are what the "
-        "next batch waits for. auto = the encoder's torch threads on CPU, off (0) on a GPU, "
-        "where searches never wait on the forward (bench/serve.py --full, issue 5).",
     )
     embed_batch_size: int = Field(default=64, ge=1, le=4096, description="Reindex batch size.")
     # request limits

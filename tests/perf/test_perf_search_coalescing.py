@@ -33,11 +33,9 @@ async def test_coalesced_answers_equal_single_searches(monkeypatch: pytest.Monke
     calls: list[tuple[str, int]] = []
     real = ItemIndex.search
 
-    def spy(
-        self: ItemIndex, domain: str, q: np.ndarray, k: int, exclude: Any = (), **kw: Any
-    ) -> Any:
+    def spy(self: ItemIndex, domain: str, q: np.ndarray, k: int, exclude: Any = ()) -> Any:
         calls.append((domain, q.reshape(-1, self.dim).shape[0]))
-        return real(self, domain, q, k, exclude, **kw)
+        return real(self, domain, q, k, exclude)
 
     specs = []
     for i in range(12):
@@ -84,11 +82,9 @@ async def test_requests_of_one_forward_share_the_search(
     calls: list[int] = []
     real = ItemIndex.search
 
-    def spy(
-        self: ItemIndex, domain: str, q: np.ndarray, k: int, exclude: Any = (), **kw: Any
-    ) -> Any:
+    def spy(self: ItemIndex, domain: str, q: np.ndarray, k: int, exclude: Any = ()) -> Any:
         calls.append(q.reshape(-1, self.dim).shape[0])
-        return real(self, domain, q, k, exclude, **kw)
+        return real(self, domain, q, k, exclude)
 
     enc = FakeEncoder(dim=32)
     engine = Engine(
