@@ -136,7 +136,7 @@ class Engine:
         self.jobs: OrderedDict[str, JobStatus] = OrderedDict()
         self._write_lock = asyncio.Lock()
         self._job_tasks: set[asyncio.Task[None]] = set()
-        self.searches = SearchCoalescer()
+        self.searches = SearchCoalescer(parts=settings.resolved_search_parallel_calls())
         self.ranked = RankedLists(settings.result_cache_size)
 
     # -- lifecycle ---------------------------------------------------------------------------

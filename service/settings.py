@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -116,6 +117,13 @@ class Settings(BaseSettings):
             raise ValueError("must be >= 0, auto or none")
         return v
 
+    @field_validator("search_parallel_calls")
+    @classmethod
+    def _calls_range(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 64:
+            raise ValueError("must be between 1 and 64, or auto")
+        return v
+
     @field_validator("batch_coalesce_ms")
     @classmethod
     def _coalesce_range(cls, v: float | str) -> float | str:
@@ -129,6 +137,11 @@ class Settings(BaseSettings):
         if v == "auto":
             return CPU_COALESCE_MS if device_type == "cpu" else 0.0
         return float(v)
+
+    def resolved_search_parallel_calls(self) -> int:
+        """``search_parallel_calls`` with auto = the CPUs available to this process."""
+        v = self.search_parallel_calls
+        return max(1, len(os.sched_getaffinity(0))) if v == "auto" else int(v)
 
     def resolved_max_padding(self, device_type: str) -> float | None:
         """``batch_max_padding`` for the device the encoder runs on."""
@@ -178,6 +191,13 @@ class Settings(BaseSettings):
         le=1024,
         description="OpenMP threads per search call (0 = faiss default, all cores). One keeps a "
         "single-user search from fighting the encoder's threads for the same cores.",
+    )
+    search_parallel_calls: int | Literal["auto"] = Field(
+        default="auto",
+        description="Concurrent requests' searches run as one faiss call per domain; a block "
+        "of 16 or more is cut into blocks of at least 8, up to this many calls that run in "
+        "parallel, one thread each. Right after a batch its clients' searches are all the "
+        "next batch waits for. auto = the CPUs this process may use (perf, issue 5).",
     )
     embed_batch_size: int = Field(default=64, ge=1, le=4096, description="Reindex batch size.")
     # request limits

@@ -129,3 +129,89 @@ async def test_a_cancelled_search_batch_cancels_its_waiters(
         t.cancel()  # e.g. shutdown
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(waiter, 5)  # cancelled, not left hanging
+
+
+def test_split_blocks() -> None:
+    co = SearchCoalescer(parts=2, min_part=8)
+    sizes = lambda n: [s.stop - s.start for s in co.split(n)]  # noqa: E731
+    assert sizes(1) == [1] and sizes(15) == [15]  # too few for two blocks of 8
+    assert sizes(16) == [8, 8] and sizes(33) == [16, 17]
+    assert sum(sizes(200)) == 200 and len(sizes(200)) == 2
+    assert [s.stop - s.start for s in SearchCoalescer(parts=4, min_part=8).split(24)] == [8, 8, 8]
+    assert SearchCoalescer().split(64) == [slice(0, 64)]  # parts=1: one call, as before
+
+
+async def test_split_tick_runs_parallel_calls_with_exact_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A tick of 32 searches becomes two concurrent single-threaded calls per domain, and each
+    request still gets what it would have got alone."""
+    import threading
+    import time
+
+    idx = _index()
+    rng = np.random.default_rng(7)
+    real = ItemIndex.search
+    active, peak, lock = [0], [0], threading.Lock()
+
+    def spy(
+        self: ItemIndex, domain: str, q: np.ndarray, k: int, exclude: Any = (), **kw: Any
+    ) -> Any:
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.05)  # long enough for the other block's thread to arrive
+        try:
+            return real(self, domain, q, k, exclude, **kw)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    specs = []
+    for i in range(32):
+        vec = rng.standard_normal(16).astype(np.float32)
+        exclude = set(rng.choice(len(idx.items), size=i % 4, replace=False).tolist())
+        specs.append((["A", "B"], vec, 1 + i % 5, exclude))
+    expected = [{d: real(idx, d, v.reshape(1, -1), k, ex)[0] for d in t} for t, v, k, ex in specs]
+    monkeypatch.setattr(ItemIndex, "search", spy)
+    co = SearchCoalescer(parts=2, min_part=8)
+    got = await asyncio.gather(*(co.search(idx, t, v, k, ex) for t, v, k, ex in specs))
+    assert peak[0] == 2  # the two blocks searched at the same time
+    for g, e in zip(got, expected, strict=True):
+        for d in e:
+            assert [r for r, _ in g[d]] == [r for r, _ in e[d]]
+
+
+async def test_a_failing_block_fails_only_its_own_waiters(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    idx = _index()
+    real = ItemIndex.search
+    poison = np.full(16, 7.0, dtype=np.float32)
+
+    def flaky(self: ItemIndex, domain: str, q: np.ndarray, k: int, *a: Any, **kw: Any) -> Any:
+        if np.any(np.all(q == 7.0, axis=1)):
+            raise RuntimeError("faiss on fire")
+        return real(self, domain, q, k, *a, **kw)
+
+    monkeypatch.setattr(ItemIndex, "search", flaky)
+    co = SearchCoalescer(parts=2, min_part=8)
+    vecs = [np.ones(16, dtype=np.float32)] * 15 + [poison]  # the poison lands in block 2
+    res = await asyncio.gather(
+        *(co.search(idx, ["A"], v, 3, set()) for v in vecs), return_exceptions=True
+    )
+    assert all(isinstance(r, dict) for r in res[:8])
+    assert all(isinstance(r, RuntimeError) for r in res[8:])
+
+
+def test_parallel_calls_setting(make_settings: Callable[..., Any]) -> None:
+    import os
+
+    from service.settings import Settings
+
+    assert Settings().resolved_search_parallel_calls() == len(os.sched_getaffinity(0))
+    assert Settings(search_parallel_calls=1).resolved_search_parallel_calls() == 1
+    with pytest.raises(ValueError, match="search_parallel_calls"):
+        Settings(search_parallel_calls=0)
+    engine = Engine(make_settings(search_parallel_calls=3), encoder=FakeEncoder(dim=8))
+    assert engine.searches.parts == 3
