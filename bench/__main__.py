@@ -337,7 +337,16 @@ def render(mode: str) -> str:
             "Raw encoder on the same histories in the same run (the overhead baseline, its best "
             "row): one padded forward per batch, or the batch split into length-sorted forwards "
             "with the service's CPU rule (<= 25% padding). Timed on the benchmark's main thread, "
-            "where nothing else runs:",
+            "where nothing else runs, "
+            + (
+                f"over {srv['plan']['raw_histories']} held-out histories, cycled (the service "
+                "never sees one cohort twice, and one cohort of 32 repeated runs faster than "
+                "varied ones):"
+                if srv["plan"].get("raw_histories")
+                else "over ONE cohort of 32 held-out histories, repeated: this run predates the "
+                "raw limit over 128 histories, and one repeated cohort runs faster than varied "
+                "ones, so its overhead ratio is biased low:"
+            ),
             "",
         ]
         lines += _table(srv["raw"], ["model", "batch", "forwards", "seq_s_median", "rounds"])
