@@ -160,10 +160,10 @@ def raw_limit(
     batch; ``split`` cuts each batch into length-sorted forwards with the service's CPU rule
     (``padding_groups``, <= 25% padding), so the service's best path has a raw twin.
 
-    Several distinct cohorts per batch size (128 histories: 4 batches of 32), as the service
-    never sees one cohort twice: one cohort of 32 repeated ran ~8% more tokens/s than varied
-    cohorts (10,232 vs 9,369 and 9,452 tok/s, medians of 4 interleaved rounds in a one-off
-    script), an edge the service's forwards can never have (perf, issue 5)."""
+    Several distinct cohorts per batch size (``RAW_HISTORIES``: 4 batches of 32), as the
+    service never sees one cohort twice: one cohort repeated ran more tokens/s than varied
+    cohorts, an edge the service's forwards can never have (perf, issue 5; figures in the
+    commit log)."""
     n_seq = len(ids) - len(ids) % max(batch_sizes)  # whole batches at every size
     out = {}
     for bs in batch_sizes:

@@ -217,7 +217,7 @@ class TextTokenizer:
     them on every call (which makes concurrent calls unsafe, hence a lock) and holds the GIL,
     while ``encode_batch`` on a copy nobody mutates is safe from any thread and releases the
     GIL. The service tokenises each request in a small pool while the event loop serves
-    others; locked, 32 histories queued ~18 ms behind each other before every batch (perf,
+    others; locked, a cohort's histories queued behind each other before every batch (perf,
     issue 5). Slow tokenizers keep the wrapper, behind the lock.
     """
 

@@ -58,10 +58,9 @@ class SearchCoalescer:
 
     A large tick is cut into up to ``parts`` blocks of at least ``min_part`` queries, searched
     by parallel single-threaded faiss calls (faiss releases the GIL). Right after a batch its
-    clients' searches are all the next batch waits for, and one call used one core of two:
-    32 histories over the FK catalogue took ~22 ms there, a third of the gap between batches.
-    Parallel calls, not an OpenMP team: with faiss' 2-thread team the encoder's forwards left
-    10.8% of the CPU idle against 3% (perf, issue 5).
+    clients' searches are all the next batch waits for, and one call used one core of two.
+    Parallel calls, not an OpenMP team: beside faiss' team the encoder's forwards left more of
+    the CPU idle (perf, issue 5; the traces are in the issue notes).
     """
 
     def __init__(self, parts: int = 1, min_part: int = 8) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -117,13 +117,6 @@ class Settings(BaseSettings):
             raise ValueError("must be >= 0, auto or none")
         return v
 
-    @field_validator("search_parallel_calls")
-    @classmethod
-    def _calls_range(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and not 1 <= v <= 64:
-            raise ValueError("must be between 1 and 64, or auto")
-        return v
-
     @field_validator("batch_coalesce_ms")
     @classmethod
     def _coalesce_range(cls, v: float | str) -> float | str:
@@ -192,7 +185,7 @@ class Settings(BaseSettings):
         description="OpenMP threads per search call (0 = faiss default, all cores). One keeps a "
         "single-user search from fighting the encoder's threads for the same cores.",
     )
-    search_parallel_calls: int | Literal["auto"] = Field(
+    search_parallel_calls: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
         default="auto",
         description="Concurrent requests' searches run as one faiss call per domain; a block "
         "of 16 or more is cut into blocks of at least 8, up to this many calls that run in "
