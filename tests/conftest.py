@@ -38,9 +38,14 @@ def make_settings(tmp_path: Path, catalog_path: Path) -> Callable[..., Any]:
     from service.settings import Settings
 
     def make(**overrides: Any) -> Settings:
-        base: dict[str, Any] = {"store_dir": tmp_path / "store", "catalog_path": catalog_path,
-                                "admin_token": ADMIN_TOKEN, "faiss_gpu": False,
-                                "redis_url": None, "max_wait_ms": 2.0}
+        base: dict[str, Any] = {
+            "store_dir": tmp_path / "store",
+            "catalog_path": catalog_path,
+            "admin_token": ADMIN_TOKEN,
+            "faiss_gpu": False,
+            "redis_url": None,
+            "max_wait_ms": 2.0,
+        }
         base.update(overrides)
         return Settings(**base)
 
@@ -62,8 +67,9 @@ def app_client(make_settings: Callable[..., Any]) -> Callable[..., Any]:
         app = create_app(engine=engine)
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://test",
-                                         timeout=60) as client:
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://test", timeout=60
+            ) as client:
                 yield client, engine, enc
 
     return make
@@ -86,15 +92,23 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) ->
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("tiny-bert")
     tok = AutoTokenizer.from_pretrained(minilm_dir)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
-                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
     BertModel(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
 
 
-TINY_WORDS = ("coffee tea honey space saga garden book movie dark roast green the a of "
-              "volume one two beans pods milk oat").split()
+TINY_WORDS = (
+    "coffee tea honey space saga garden book movie dark roast green the a of "
+    "volume one two beans pods milk oat"
+).split()
 
 
 @pytest.fixture(scope="session")
@@ -111,12 +125,21 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         vocab.setdefault(w, len(vocab))
     raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", eos_token="</s>",
-                                  pad_token="<pad>")
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=128, eos_token_id=1, pad_token_id=2,
-                      bos_token_id=None)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=raw, unk_token="<unk>", eos_token="</s>", pad_token="<pad>"
+    )
+    cfg = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        eos_token_id=1,
+        pad_token_id=2,
+        bos_token_id=None,
+    )
     LlamaForCausalLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
@@ -143,9 +166,22 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Any:
     port = free_port()
     workdir = tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 10
         while True:

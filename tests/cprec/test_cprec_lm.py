@@ -86,8 +86,9 @@ def test_collate_right_pads_with_mask(llama_tok) -> None:  # type: ignore[no-unt
 
 def _hidden() -> tuple[torch.Tensor, torch.Tensor]:
     # [B=2, T=3, H=2]; row 1 has one real token followed by padding that must be ignored.
-    hidden = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [3.0, 4.0]],
-                           [[0.0, 2.0], [100.0, 0.0], [100.0, 100.0]]])
+    hidden = torch.tensor(
+        [[[1.0, 0.0], [0.0, 1.0], [3.0, 4.0]], [[0.0, 2.0], [100.0, 0.0], [100.0, 100.0]]]
+    )
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
     return hidden, mask
 

@@ -87,8 +87,22 @@ def _normalise_reference(title: str) -> str:
 
 def test_normalise_title_fast_path_matches_the_definition() -> None:
     pool = list("abc XYZ09-'&é") + [
-        "e\u0301", "\u00a0", "\u2028", "\u200b", "\u00ad", "\ufeff", "\x00", "\x1f", "\x7f",
-        "\x85", "\t", "\n", "\ue000", "\U0001f600", "\u3000", "\u0378",
+        "e\u0301",
+        "\u00a0",
+        "\u2028",
+        "\u200b",
+        "\u00ad",
+        "\ufeff",
+        "\x00",
+        "\x1f",
+        "\x7f",
+        "\x85",
+        "\t",
+        "\n",
+        "\ue000",
+        "\U0001f600",
+        "\u3000",
+        "\u0378",
     ]
     rng = random.Random(5)
     for _ in range(2000):

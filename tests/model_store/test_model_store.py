@@ -22,9 +22,16 @@ def _src(tmp_path: Path) -> Path:
 
 
 def _manifest(**kw: Any) -> dict[str, Any]:
-    m: dict[str, Any] = {"base_model": "minilm-l6", "pooling": "mean", "dim": 8,
-                         "template": {"max_items": 20}, "metrics": {"eval": {"recall@10": 0.5}},
-                         "config": {"lr": 1e-4}, "data_hash": "abc123", "parent": "v0"}
+    m: dict[str, Any] = {
+        "base_model": "minilm-l6",
+        "pooling": "mean",
+        "dim": 8,
+        "template": {"max_items": 20},
+        "metrics": {"eval": {"recall@10": 0.5}},
+        "config": {"lr": 1e-4},
+        "data_hash": "abc123",
+        "parent": "v0",
+    }
     m.update(kw)
     return m
 
@@ -46,8 +53,7 @@ def test_publish_then_load_round_trip(store: ModelStore, tmp_path: Path) -> None
 
 
 def test_manifest_fields_and_library_versions(store: ModelStore, tmp_path: Path) -> None:
-    art = store.publish(_src(tmp_path), _manifest(version="v1",
-                                                  library_versions={"custom": "1.2"}))
+    art = store.publish(_src(tmp_path), _manifest(version="v1", library_versions={"custom": "1.2"}))
     on_disk = json.loads((art.path / MANIFEST).read_text())
     m = Manifest.model_validate(on_disk)
     assert m.base_model == "minilm-l6" and m.pooling == "mean" and m.dim == 8
@@ -92,10 +98,12 @@ def test_existing_version_refused(store: ModelStore, tmp_path: Path) -> None:
         store.publish(_src(tmp_path), _manifest(version="v1"))
 
 
-@pytest.mark.parametrize("rel", ["model.safetensors", "config.json", "tokenizer/vocab.txt",
-                                 "README.md"])
-def test_changed_byte_is_refused_naming_the_file(store: ModelStore, tmp_path: Path,
-                                                 rel: str) -> None:
+@pytest.mark.parametrize(
+    "rel", ["model.safetensors", "config.json", "tokenizer/vocab.txt", "README.md"]
+)
+def test_changed_byte_is_refused_naming_the_file(
+    store: ModelStore, tmp_path: Path, rel: str
+) -> None:
     art = store.publish(_src(tmp_path), _manifest(version="v1"))
     f = art.path / rel
     data = bytearray(f.read_bytes())
@@ -145,8 +153,9 @@ def test_empty_alias_refused(store: ModelStore, tmp_path: Path) -> None:
         store.set_alias("", "v1")
 
 
-def test_invalid_alias_refused_before_anything_is_written(store: ModelStore,
-                                                          tmp_path: Path) -> None:
+def test_invalid_alias_refused_before_anything_is_written(
+    store: ModelStore, tmp_path: Path
+) -> None:
     with pytest.raises(ArtifactError, match="invalid name"):
         store.publish(_src(tmp_path), _manifest(version="v1"), aliases=("latest", "bad/alias"))
     assert store.versions() == []

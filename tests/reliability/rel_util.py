@@ -30,11 +30,8 @@ def admin(token: str = TOKEN) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-
-
 async def wait_job(client: httpx.AsyncClient, job_id: str, timeout: float = 60) -> dict[str, Any]:
     return await _wait_job(client, job_id, admin(), timeout)
-
 
 
 class SlowEncoder(FakeEncoder):
@@ -47,8 +44,6 @@ class SlowEncoder(FakeEncoder):
     def core(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         time.sleep(self.delay_s)
         return super().core(batch)
-
-
 
 
 def _pong(port: int) -> bool:
@@ -79,9 +74,22 @@ class RedisServer:
 
     def start(self, timeout: float = 10) -> None:
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + timeout
         while not _pong(self.port):
             if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -69,14 +69,21 @@ _SERVER = textwrap.dedent("""
 
 def test_sigterm_real_process_finishes_in_flight_then_exits(tmp_path: Path) -> None:
     catalog = tmp_path / "c.jsonl"
-    catalog.write_text("".join(json.dumps({"item_id": f"i{i}", "domain": "Books",
-                                           "title": f"Book {i}"}) + "\n" for i in range(8)))
+    catalog.write_text(
+        "".join(
+            json.dumps({"item_id": f"i{i}", "domain": "Books", "title": f"Book {i}"}) + "\n"
+            for i in range(8)
+        )
+    )
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-c", _SERVER, str(tmp_path / "store"),
-                             str(catalog), str(port)], cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SERVER, str(tmp_path / "store"), str(catalog), str(port)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:

@@ -40,12 +40,20 @@ FUZZ_EXAMPLES = 40
 # What the issue asks: no 5xx, every response (status, content type, headers, body) as declared,
 # and data the schema forbids is refused with a 4xx. Not "positive_data_acceptance": a
 # schema-valid body can still name an unknown domain or item id, which is rightly a 422.
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
-          response_headers_conformance, response_schema_conformance, negative_data_rejection]
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    negative_data_rejection,
+]
 pytestmark = pytest.mark.timeout(240)
 
-CATALOG = [{"item_id": f"i{n}", "domain": d, "title": f"{d} thing {n}", "popularity": n}
-           for n, d in enumerate(["Books", "Movies", "Groceries"] * 4)]
+CATALOG = [
+    {"item_id": f"i{n}", "domain": d, "title": f"{d} thing {n}", "popularity": n}
+    for n, d in enumerate(["Books", "Movies", "Groceries"] * 4)
+]
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +63,21 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str,
     cat.write_text("".join(json.dumps(r) + "\n" for r in CATALOG), encoding="utf-8")
     (root / "catalogues").mkdir()
     (root / "catalogues" / "c.jsonl").write_text(cat.read_text())
-    s = Settings(store_dir=root / "store", catalog_path=cat, admin_token=TOKEN, faiss_gpu=False,
-                 redis_url=None, catalog_dir=root / "catalogues", max_wait_ms=1.0)
+    s = Settings(
+        store_dir=root / "store",
+        catalog_path=cat,
+        admin_token=TOKEN,
+        faiss_gpu=False,
+        redis_url=None,
+        catalog_dir=root / "catalogues",
+        max_wait_ms=1.0,
+    )
     engine = Engine(s, encoder=FakeEncoder(), model_version="fuzz-v1")
     app = create_app(engine=engine)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
@@ -88,15 +104,22 @@ schema = _schema()
 
 
 @schema.parametrize()
-@settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, database=None,
-          phases=[Phase.explicit, Phase.generate],
-          suppress_health_check=list(HealthCheck))
-def test_openapi_fuzz_no_5xx_and_schema_conformant(case: Any,
-                                                  live_server: tuple[str, Engine]) -> None:
+@settings(
+    max_examples=FUZZ_EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    phases=[Phase.explicit, Phase.generate],
+    suppress_health_check=list(HealthCheck),
+)
+def test_openapi_fuzz_no_5xx_and_schema_conformant(
+    case: Any, live_server: tuple[str, Engine]
+) -> None:
     base, _ = live_server
     # The admin token on every call, so the fuzz reaches past the auth check.
-    case.call_and_validate(base_url=base, headers={"Authorization": f"Bearer {TOKEN}"},
-                           checks=CHECKS, timeout=30)
+    case.call_and_validate(
+        base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}, checks=CHECKS, timeout=30
+    )
 
 
 def test_fuzz_left_the_service_healthy(live_server: tuple[str, Engine], tmp_path: Path) -> None:
@@ -104,6 +127,9 @@ def test_fuzz_left_the_service_healthy(live_server: tuple[str, Engine], tmp_path
     base, engine = live_server
     assert httpx.get(f"{base}/ready", timeout=5).status_code == 200
     metrics = httpx.get(f"{base}/metrics", timeout=5).text
-    fivexx = [ln for ln in metrics.splitlines()
-              if ln.startswith("cprec_requests_total") and 'status="5' in ln]
+    fivexx = [
+        ln
+        for ln in metrics.splitlines()
+        if ln.startswith("cprec_requests_total") and 'status="5' in ln
+    ]
     assert not fivexx, fivexx

@@ -42,23 +42,52 @@ BAD_RECOMMEND: list[tuple[str, Any, set[int], str, str]] = [
     ("not an object", b"[1, 2, 3]", {422}, "body", "dictionary"),
     ("a bare string", b'"history"', {422}, "body", "dictionary"),
     ("truncated JSON", b'{"history": [', {422}, "body", "invalid JSON"),
-    ("invalid UTF-8", b'{"history": [{"title": "\xff\xfe", "domain": "Books"}]}', {422}, "body",
-     "UTF-8"),
-    ("raw control character", b'{"history": [{"title": "a\x01b", "domain": "Books"}]}', {422},
-     "body", "control character"),
+    (
+        "invalid UTF-8",
+        b'{"history": [{"title": "\xff\xfe", "domain": "Books"}]}',
+        {422},
+        "body",
+        "UTF-8",
+    ),
+    (
+        "raw control character",
+        b'{"history": [{"title": "a\x01b", "domain": "Books"}]}',
+        {422},
+        "body",
+        "control character",
+    ),
     ("history not a list", {"history": "coffee"}, {422}, "history", "valid list"),
     ("history entry wrong type", {"history": [42]}, {422}, "history[0]", "valid"),
     ("missing domain", {"history": [{"title": "Coffee"}]}, {422}, "history[0]", "required"),
-    ("empty title", {"history": [{"title": "", "domain": "Books"}]}, {422}, "history[0]",
-     "at least 1"),
-    ("blank title", {"history": [{"title": "   ", "domain": "Books"}]}, {422}, "history[0]",
-     "at least 1"),
-    ("only control characters", {"history": [{"title": "\u0000\u0007\u200b\u202e",
-                                              "domain": "Books"}]}, {422}, "history[0].title",
-     "empty"),
+    (
+        "empty title",
+        {"history": [{"title": "", "domain": "Books"}]},
+        {422},
+        "history[0]",
+        "at least 1",
+    ),
+    (
+        "blank title",
+        {"history": [{"title": "   ", "domain": "Books"}]},
+        {422},
+        "history[0]",
+        "at least 1",
+    ),
+    (
+        "only control characters",
+        {"history": [{"title": "\u0000\u0007\u200b\u202e", "domain": "Books"}]},
+        {422},
+        "history[0].title",
+        "empty",
+    ),
     ("empty item id", {"history": [{"item_id": ""}]}, {422}, "history[0]", "at least 1"),
-    ("unknown item id", {"history": [{"item_id": "no-such-item"}]}, {422}, "history[0].item_id",
-     "not in the catalogue"),
+    (
+        "unknown item id",
+        {"history": [{"item_id": "no-such-item"}]},
+        {422},
+        "history[0].item_id",
+        "not in the catalogue",
+    ),
     ("unknown domain", {"target_domains": ["Nope"]}, {422}, "target_domains", "unknown"),
     ("empty domain list", {"target_domains": []}, {422}, "body", "non-empty"),
     ("duplicated domains", {"target_domains": ["Books", "Books"]}, {422}, "body", "duplicates"),
@@ -69,19 +98,36 @@ BAD_RECOMMEND: list[tuple[str, Any, set[int], str, str]] = [
     ("exclude_history not bool", {"exclude_history": "maybe"}, {422}, "exclude_history", "bool"),
     ("unknown field", {"histroy": []}, {422}, "histroy", "extra"),
     ("user_id too long", {"user_id": "u" * 300}, {422}, "user_id", "at most 256"),
-    ("very long unicode title", {"history": [{"title": LONG_UNICODE, "domain": "Books"}]}, {422},
-     "history[0].title", "max_title_chars"),
-    ("too many history items", {"history": [{"title": "tea", "domain": "Books"}] * 501},
-     {413, 422}, "history", "max_history"),
-    ("too many target domains", {"target_domains": [f"d{i}" for i in range(65)]}, {422},
-     "target_domains", "max_target_domains"),
+    (
+        "very long unicode title",
+        {"history": [{"title": LONG_UNICODE, "domain": "Books"}]},
+        {422},
+        "history[0].title",
+        "max_title_chars",
+    ),
+    (
+        "too many history items",
+        {"history": [{"title": "tea", "domain": "Books"}] * 501},
+        {413, 422},
+        "history",
+        "max_history",
+    ),
+    (
+        "too many target domains",
+        {"target_domains": [f"d{i}" for i in range(65)]},
+        {422},
+        "target_domains",
+        "max_target_domains",
+    ),
 ]
 
 
-@pytest.mark.parametrize("name,body,status,field,reason", BAD_RECOMMEND,
-                         ids=[c[0] for c in BAD_RECOMMEND])
+@pytest.mark.parametrize(
+    "name,body,status,field,reason", BAD_RECOMMEND, ids=[c[0] for c in BAD_RECOMMEND]
+)
 async def test_bad_recommend_is_4xx_naming_field_and_reason(
-        app_client: Any, name: str, body: Any, status: set[int], field: str, reason: str) -> None:
+    app_client: Any, name: str, body: Any, status: set[int], field: str, reason: str
+) -> None:
     async with app_client(admin_token=TOKEN) as (client, engine, _):
         if isinstance(body, bytes):
             r = await client.post("/recommend", content=body, headers=JSON)
@@ -94,22 +140,33 @@ async def test_bad_recommend_is_4xx_naming_field_and_reason(
 
 async def test_limits_come_from_settings_and_are_named(app_client: Any) -> None:
     """Lowered limits bite at exactly the configured value, each error naming its setting."""
-    async with app_client(admin_token=TOKEN, max_k=5, max_history=3, max_title_chars=10,
-                          max_target_domains=1, max_body_bytes=2048) as (client, engine, _):
+    async with app_client(
+        admin_token=TOKEN,
+        max_k=5,
+        max_history=3,
+        max_title_chars=10,
+        max_target_domains=1,
+        max_body_bytes=2048,
+    ) as (client, engine, _):
         d = engine.index.domains[0]
-        ok = await client.post("/recommend", json={
-            "history": [{"title": "x" * 10, "domain": d}] * 3, "k": 5, "target_domains": [d]})
+        ok = await client.post(
+            "/recommend",
+            json={"history": [{"title": "x" * 10, "domain": d}] * 3, "k": 5, "target_domains": [d]},
+        )
         assert ok.status_code == 200, ok.text
         r = await client.post("/recommend", json={"k": 6})
         _assert_envelope(r, {422}, "k", "max_k")
-        r = await client.post("/recommend", json={"history": [{"title": "t", "domain": d}] * 4,
-                                                   "k": 1})
+        r = await client.post(
+            "/recommend", json={"history": [{"title": "t", "domain": d}] * 4, "k": 1}
+        )
         _assert_envelope(r, {413}, "history", "max_history")
-        r = await client.post("/recommend", json={"history": [{"title": "x" * 11, "domain": d}],
-                                                   "k": 1})
+        r = await client.post(
+            "/recommend", json={"history": [{"title": "x" * 11, "domain": d}], "k": 1}
+        )
         _assert_envelope(r, {422}, "history[0].title", "max_title_chars")
-        r = await client.post("/recommend", json={"target_domains": engine.index.domains[:2],
-                                                   "k": 1})
+        r = await client.post(
+            "/recommend", json={"target_domains": engine.index.domains[:2], "k": 1}
+        )
         _assert_envelope(r, {422}, "target_domains", "max_target_domains")
         big = json.dumps({"user_id": "u", "history": [{"title": "y" * 9, "domain": d}] * 80})
         assert len(big) > 2048
@@ -119,6 +176,7 @@ async def test_limits_come_from_settings_and_are_named(app_client: Any) -> None:
 
 async def test_chunked_body_over_limit_is_413(app_client: Any) -> None:
     """No content-length (a streamed body) is counted as it arrives."""
+
     async def chunks() -> Any:
         for _ in range(64):
             yield b" " * 1024
@@ -129,12 +187,15 @@ async def test_chunked_body_over_limit_is_413(app_client: Any) -> None:
 
 
 async def test_long_unicode_and_control_characters_within_limits_are_served(
-        app_client: Any) -> None:
+    app_client: Any,
+) -> None:
     async with app_client(admin_token=TOKEN) as (client, engine, _):
         d = engine.index.domains[0]
-        hist = [{"title": "数据🚀é" * 249, "domain": d},             # 996 characters
-                {"title": "Coffee\u0000\tBeans\u202e", "domain": d},  # controls become spaces
-                {"title": "e\u0301 composed", "domain": d}]          # NFC-normalised
+        hist = [
+            {"title": "数据🚀é" * 249, "domain": d},  # 996 characters
+            {"title": "Coffee\u0000\tBeans\u202e", "domain": d},  # controls become spaces
+            {"title": "e\u0301 composed", "domain": d},
+        ]  # NFC-normalised
         r = await client.post("/recommend", json={"history": hist, "k": 3})
         assert r.status_code == 200, r.text
 
@@ -144,33 +205,63 @@ async def test_duplicated_history_entries_are_allowed(app_client: Any) -> None:
     excluded from the answer once); duplicates in a *catalogue* are refused (below)."""
     async with app_client(admin_token=TOKEN) as (client, engine, _):
         first = engine.index.items[0]
-        r = await client.post("/recommend", json={"history": [{"item_id": first.item_id}] * 2,
-                                                   "target_domains": [first.domain]})
+        r = await client.post(
+            "/recommend",
+            json={"history": [{"item_id": first.item_id}] * 2, "target_domains": [first.domain]},
+        )
         assert r.status_code == 200
         assert first.item_id not in [x["item_id"] for x in r.json()["results"][first.domain]]
 
 
 BAD_REINDEX: list[tuple[str, Any, str, str]] = [
-    ("duplicated items", {"mode": "full", "items": [
-        {"item_id": "x1", "domain": "Books", "title": "A"},
-        {"item_id": "x1", "domain": "Books", "title": "B"}]}, "items[1]", "duplicate item_id"),
+    (
+        "duplicated items",
+        {
+            "mode": "full",
+            "items": [
+                {"item_id": "x1", "domain": "Books", "title": "A"},
+                {"item_id": "x1", "domain": "Books", "title": "B"},
+            ],
+        },
+        "items[1]",
+        "duplicate item_id",
+    ),
     ("empty items", {"mode": "full", "items": []}, "body", "non-empty"),
-    ("item missing title", {"mode": "upsert", "items": [{"item_id": "x", "domain": "Books"}]},
-     "items[0].title", "required"),
-    ("negative popularity", {"mode": "upsert", "items": [
-        {"item_id": "x", "domain": "Books", "title": "T", "popularity": -1}]},
-     "items[0].popularity", "greater than or equal"),
+    (
+        "item missing title",
+        {"mode": "upsert", "items": [{"item_id": "x", "domain": "Books"}]},
+        "items[0].title",
+        "required",
+    ),
+    (
+        "negative popularity",
+        {
+            "mode": "upsert",
+            "items": [{"item_id": "x", "domain": "Books", "title": "T", "popularity": -1}],
+        },
+        "items[0].popularity",
+        "greater than or equal",
+    ),
     ("unknown mode", {"mode": "drop-all", "items": []}, "mode", "full"),
     ("delete without ids", {"mode": "delete"}, "body", "item_ids"),
     ("delete unknown ids", {"mode": "delete", "item_ids": ["nope"]}, "item_ids", "unknown"),
-    ("items and path", {"mode": "full", "path": "c.jsonl", "items": [
-        {"item_id": "x", "domain": "Books", "title": "T"}]}, "body", "either items or path"),
+    (
+        "items and path",
+        {
+            "mode": "full",
+            "path": "c.jsonl",
+            "items": [{"item_id": "x", "domain": "Books", "title": "T"}],
+        },
+        "body",
+        "either items or path",
+    ),
 ]
 
 
 @pytest.mark.parametrize("name,body,field,reason", BAD_REINDEX, ids=[c[0] for c in BAD_REINDEX])
 async def test_bad_reindex_is_422_and_changes_nothing(
-        app_client: Any, name: str, body: Any, field: str, reason: str) -> None:
+    app_client: Any, name: str, body: Any, field: str, reason: str
+) -> None:
     async with app_client(admin_token=TOKEN) as (client, engine, _):
         before = engine.index
         r = await client.post("/items/reindex", json=body, headers=admin())
@@ -185,24 +276,38 @@ async def test_unknown_job_is_404_envelope(app_client: Any) -> None:
 
 
 async def test_upload_size_and_row_limits(app_client: Any) -> None:
-    rows = "".join(json.dumps({"item_id": f"u{i}", "domain": "Books", "title": f"Book {i}"}) + "\n"
-                   for i in range(40))
+    rows = "".join(
+        json.dumps({"item_id": f"u{i}", "domain": "Books", "title": f"Book {i}"}) + "\n"
+        for i in range(40)
+    )
     async with app_client(admin_token=TOKEN, max_upload_bytes=1024, max_upload_rows=5) as (
-            client, engine, _):
+        client,
+        engine,
+        _,
+    ):
         before = engine.index
-        r = await client.post("/items/reindex/upload", headers=admin(),
-                              files={"file": ("c.jsonl", rows.encode(), "application/x-ndjson")})
+        r = await client.post(
+            "/items/reindex/upload",
+            headers=admin(),
+            files={"file": ("c.jsonl", rows.encode(), "application/x-ndjson")},
+        )
         assert r.status_code == 413 and "max_upload_bytes" in r.text, r.text
         small = "".join(rows.splitlines(keepends=True)[:8])
         assert len(small) < 1024
-        r = await client.post("/items/reindex/upload", headers=admin(),
-                              files={"file": ("c.jsonl", small.encode(), "application/x-ndjson")})
+        r = await client.post(
+            "/items/reindex/upload",
+            headers=admin(),
+            files={"file": ("c.jsonl", small.encode(), "application/x-ndjson")},
+        )
         assert r.status_code == 202, r.text
         job = await wait_job(client, r.json()["job_id"])
         assert job["state"] == "failed" and "max_upload_rows" in job["error"]
         assert engine.index is before
-        r = await client.post("/items/reindex/upload", headers=admin(),
-                              files={"file": ("c.bin", b"\x80\x03}q\x00.", "application/octet")})
+        r = await client.post(
+            "/items/reindex/upload",
+            headers=admin(),
+            files={"file": ("c.bin", b"\x80\x03}q\x00.", "application/octet")},
+        )
         _assert_envelope(r, {422}, "file", ".jsonl or .csv")
 
 
@@ -240,21 +345,26 @@ def catalog_dir(tmp_path: Path) -> Path:
     return root
 
 
-@pytest.mark.parametrize("path,status,reason", [
-    ("../secret.jsonl", 422, "'..'"),
-    ("sub/../../secret.jsonl", 422, "'..'"),
-    ("/etc/passwd", 422, "absolute"),
-    ("escape.jsonl", 422, "outside"),
-    ("up/secret.jsonl", 422, "outside"),
-    ("sub/missing.jsonl", 422, "no such"),
-    ("sub", 422, "no such"),
-    ("a\u0000b", 422, "NUL"),
-])
+@pytest.mark.parametrize(
+    "path,status,reason",
+    [
+        ("../secret.jsonl", 422, "'..'"),
+        ("sub/../../secret.jsonl", 422, "'..'"),
+        ("/etc/passwd", 422, "absolute"),
+        ("escape.jsonl", 422, "outside"),
+        ("up/secret.jsonl", 422, "outside"),
+        ("sub/missing.jsonl", 422, "no such"),
+        ("sub", 422, "no such"),
+        ("a\u0000b", 422, "NUL"),
+    ],
+)
 async def test_reindex_path_refused_outside_catalog_dir(
-        app_client: Any, catalog_dir: Path, path: str, status: int, reason: str) -> None:
+    app_client: Any, catalog_dir: Path, path: str, status: int, reason: str
+) -> None:
     async with app_client(admin_token=TOKEN, catalog_dir=catalog_dir) as (client, engine, _):
-        r = await client.post("/items/reindex", json={"mode": "full", "path": path},
-                              headers=admin())
+        r = await client.post(
+            "/items/reindex", json={"mode": "full", "path": path}, headers=admin()
+        )
         _assert_envelope(r, {status}, "path", reason)
         assert str(catalog_dir.parent) not in r.text  # server paths are not echoed
         assert not engine.jobs
@@ -262,12 +372,14 @@ async def test_reindex_path_refused_outside_catalog_dir(
 
 async def test_reindex_path_inside_catalog_dir(app_client: Any, catalog_dir: Path) -> None:
     async with app_client(admin_token=TOKEN) as (client, _, _e):
-        r = await client.post("/items/reindex", json={"mode": "full", "path": "sub/new.jsonl"},
-                              headers=admin())
+        r = await client.post(
+            "/items/reindex", json={"mode": "full", "path": "sub/new.jsonl"}, headers=admin()
+        )
         _assert_envelope(r, {403}, "path", "CPREC_CATALOG_DIR")  # off unless configured
     async with app_client(admin_token=TOKEN, catalog_dir=catalog_dir) as (client, engine, _):
-        r = await client.post("/items/reindex", json={"mode": "full", "path": "sub/new.jsonl"},
-                              headers=admin())
+        r = await client.post(
+            "/items/reindex", json={"mode": "full", "path": "sub/new.jsonl"}, headers=admin()
+        )
         assert r.status_code == 202, r.text
         job = await wait_job(client, r.json()["job_id"])
         assert job["state"] == "succeeded", job

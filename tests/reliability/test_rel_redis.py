@@ -45,9 +45,14 @@ async def _until_cached(client: Any, body: dict[str, Any], timeout: float = 10) 
 def _settings(url: str) -> dict[str, Any]:
     # The ranked-list cache is off: a repeated request would be answered without Redis, and
     # these tests are about the user-vector cache in Redis.
-    return {"admin_token": TOKEN, "redis_url": url, "redis_retry_s": RETRY_S,
-            "redis_timeout_s": 0.1, "redis_prefix": f"cprec-rel-{uuid.uuid4().hex[:8]}",
-            "result_cache_size": 0}
+    return {
+        "admin_token": TOKEN,
+        "redis_url": url,
+        "redis_retry_s": RETRY_S,
+        "redis_timeout_s": 0.1,
+        "redis_prefix": f"cprec-rel-{uuid.uuid4().hex[:8]}",
+        "result_cache_size": 0,
+    }
 
 
 async def test_redis_unreachable_at_start_then_back(app_client: Any, tmp_path: Path) -> None:
@@ -91,7 +96,7 @@ async def test_redis_stopped_mid_traffic_and_restarted(app_client: Any, tmp_path
 
             workers = [asyncio.create_task(traffic(w)) for w in range(8)]
             await asyncio.sleep(0.3)
-            await asyncio.to_thread(srv.stop)   # Redis goes away mid-traffic
+            await asyncio.to_thread(srv.stop)  # Redis goes away mid-traffic
             await asyncio.sleep(1.0)
             during = len(statuses)
             assert _errors(engine) >= 1
@@ -108,7 +113,9 @@ async def test_redis_stopped_mid_traffic_and_restarted(app_client: Any, tmp_path
 
 async def test_redis_never_configured_uses_lru(app_client: Any) -> None:
     async with app_client(admin_token=TOKEN, redis_url=None, result_cache_size=0) as (
-        client, engine, _
+        client,
+        engine,
+        _,
     ):
         assert engine.cache.kind == "lru"
         body = _history(5, engine.index.domains[0])

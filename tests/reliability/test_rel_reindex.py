@@ -35,26 +35,41 @@ def _snapshots(engine: Any) -> list[str]:
 
 
 def _rows(n: int, domain: str = "Garden", prefix: str = "r") -> list[dict[str, Any]]:
-    return [{"item_id": f"{prefix}{i}", "domain": domain, "title": f"{domain} thing {i}"}
-            for i in range(n)]
+    return [
+        {"item_id": f"{prefix}{i}", "domain": domain, "title": f"{domain} thing {i}"}
+        for i in range(n)
+    ]
 
 
-@pytest.mark.parametrize("fmt,content,line", [
-    ("jsonl", "".join(json.dumps(r) + "\n" for r in _rows(2))
-     + '{"item_id": "bad", "domain": "Garden"}\n' + json.dumps(_rows(1, prefix="z")[0]) + "\n",
-     3),
-    ("jsonl", "".join(json.dumps(r) + "\n" for r in _rows(4)) + "{not json\n", 5),
-    ("jsonl", json.dumps(_rows(1)[0]) + "\n" + json.dumps(_rows(1)[0]) + "\n", 2),  # duplicate
-    ("csv", "item_id,domain,title\nc1,Garden,Rake\nc2,Garden,Hoe\nc3,Garden,Spade,extra\n", 4),
-    ("csv", "item_id,domain,title,popularity\nc1,Garden,Rake,1\nc2,Garden,Hoe,-5\n", 3),
-])
+@pytest.mark.parametrize(
+    "fmt,content,line",
+    [
+        (
+            "jsonl",
+            "".join(json.dumps(r) + "\n" for r in _rows(2))
+            + '{"item_id": "bad", "domain": "Garden"}\n'
+            + json.dumps(_rows(1, prefix="z")[0])
+            + "\n",
+            3,
+        ),
+        ("jsonl", "".join(json.dumps(r) + "\n" for r in _rows(4)) + "{not json\n", 5),
+        ("jsonl", json.dumps(_rows(1)[0]) + "\n" + json.dumps(_rows(1)[0]) + "\n", 2),  # duplicate
+        ("csv", "item_id,domain,title\nc1,Garden,Rake\nc2,Garden,Hoe\nc3,Garden,Spade,extra\n", 4),
+        ("csv", "item_id,domain,title,popularity\nc1,Garden,Rake,1\nc2,Garden,Hoe,-5\n", 3),
+    ],
+)
 async def test_bad_row_fails_job_with_row_number_and_keeps_old_index(
-        app_client: Any, fmt: str, content: str, line: int) -> None:
+    app_client: Any, fmt: str, content: str, line: int
+) -> None:
     async with app_client(admin_token=TOKEN) as (client, engine, _):
         before, on_disk = engine.index, _snapshots(engine)
         current = (engine.index_store.root / "CURRENT").read_text()
-        r = await client.post("/items/reindex/upload", headers=admin(), data={"mode": "full"},
-                              files={"file": (f"cat.{fmt}", content.encode(), "text/plain")})
+        r = await client.post(
+            "/items/reindex/upload",
+            headers=admin(),
+            data={"mode": "full"},
+            files={"file": (f"cat.{fmt}", content.encode(), "text/plain")},
+        )
         assert r.status_code == 202, r.text
         job = await wait_job(client, r.json()["job_id"])
         assert job["state"] == "failed"
@@ -68,7 +83,8 @@ async def test_bad_row_fails_job_with_row_number_and_keeps_old_index(
 
 
 async def test_failure_while_saving_leaves_nothing_half_built(
-        app_client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    app_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import faiss
 
     calls = {"n": 0}
@@ -82,8 +98,9 @@ async def test_failure_while_saving_leaves_nothing_half_built(
     async with app_client(admin_token=TOKEN) as (client, engine, _):
         before, on_disk = engine.index, _snapshots(engine)
         monkeypatch.setattr(faiss, "write_index", disk_full)
-        r = await client.post("/items/reindex", headers=admin(),
-                              json={"mode": "full", "items": _rows(3)})
+        r = await client.post(
+            "/items/reindex", headers=admin(), json={"mode": "full", "items": _rows(3)}
+        )
         job = await wait_job(client, r.json()["job_id"])
         assert calls["n"] == 1 and job["state"] == "failed"
         assert "No space left" in job["error"]
@@ -93,12 +110,16 @@ async def test_failure_while_saving_leaves_nothing_half_built(
 async def test_two_reindexes_at_once_second_is_409(app_client: Any) -> None:
     enc = SlowEncoder(delay_s=0.05)
     async with app_client(encoder=enc, admin_token=TOKEN, embed_batch_size=2) as (
-            client, engine, _):
+        client,
+        engine,
+        _,
+    ):
         a = {"mode": "full", "items": _rows(12, "Garden", "a")}
         b = {"mode": "full", "items": _rows(12, "Kitchen", "b")}
         ra, rb = await asyncio.gather(
             client.post("/items/reindex", headers=admin(), json=a),
-            client.post("/items/reindex", headers=admin(), json=b))
+            client.post("/items/reindex", headers=admin(), json=b),
+        )
         codes = sorted([ra.status_code, rb.status_code])
         assert codes == [202, 409], (ra.text, rb.text)
         won, lost = (ra, rb) if ra.status_code == 202 else (rb, ra)
@@ -113,7 +134,8 @@ async def test_two_reindexes_at_once_second_is_409(app_client: Any) -> None:
         # never interleaved: the live catalogue is exactly the accepted request's
         winner = a if won is ra else b
         assert sorted(it.item_id for it in engine.index.items) == sorted(
-            r["item_id"] for r in winner["items"])
+            r["item_id"] for r in winner["items"]
+        )
         r4 = await client.post("/items/reindex", headers=admin(), json=b)
         assert r4.status_code == 202
         assert (await wait_job(client, r4.json()["job_id"]))["state"] == "succeeded"
@@ -162,12 +184,18 @@ _CHILD = textwrap.dedent("""
 
 @pytest.mark.parametrize("where", ["mid-embed", "mid-write", "before-current"])
 async def test_kill_mid_reindex_then_restart_loads_last_complete_index(
-        tmp_path: Path, where: str, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, where: str, caplog: pytest.LogCaptureFixture
+) -> None:
     store, catalog = tmp_path / "store", tmp_path / "catalog.jsonl"
     catalog.write_text("".join(json.dumps(r) + "\n" for r in _rows(6, "Garden", "g")))
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(store), str(catalog), where],
-                          capture_output=True, text=True, timeout=90, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(store), str(catalog), where],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stdout, proc.stderr)
     first = json.loads(proc.stdout.splitlines()[0])["version"]
     versions = store / "indexes" / "kill-v1" / "versions"
@@ -209,18 +237,22 @@ def _build(store: Path, rows: list[dict[str, Any]], model_version: str = "fake-v
     return idx
 
 
-@pytest.mark.parametrize("victim", ["domain-0.faiss", "vectors.npy", "items.jsonl",
-                                    "manifest.json"])
+@pytest.mark.parametrize(
+    "victim", ["domain-0.faiss", "vectors.npy", "items.jsonl", "manifest.json"]
+)
 def test_changed_byte_in_index_is_refused_naming_the_file(
-        tmp_path: Path, victim: str, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, victim: str, caplog: pytest.LogCaptureFixture
+) -> None:
     old = _build(tmp_path, _rows(4, "Garden", "o"))
     new = _build(tmp_path, _rows(4, "Kitchen", "n"))
     root = tmp_path / "indexes" / "fake-v1"
     if victim == "manifest.json":
         (root / "versions" / new.version / victim).write_text('{"version": ')  # torn
     else:
-        _flip(root / "versions" / new.version / victim, offset=len(
-            (root / "versions" / new.version / victim).read_bytes()) // 2)
+        _flip(
+            root / "versions" / new.version / victim,
+            offset=len((root / "versions" / new.version / victim).read_bytes()) // 2,
+        )
         with pytest.raises(ArtifactError) as err:
             ItemIndex.load(root / "versions" / new.version)
         assert victim in str(err.value) and "checksum mismatch" in str(err.value)
@@ -231,8 +263,7 @@ def test_changed_byte_in_index_is_refused_naming_the_file(
     assert victim in caplog.text and new.version in caplog.text
 
 
-async def test_only_index_corrupt_is_rebuilt_never_served(
-        app_client: Any, tmp_path: Path) -> None:
+async def test_only_index_corrupt_is_rebuilt_never_served(app_client: Any, tmp_path: Path) -> None:
     async with app_client(admin_token=TOKEN) as (_, engine, _e):
         first = engine.index.version
         store = engine.settings.store_dir
@@ -251,8 +282,9 @@ def corrupt_model_store(tmp_path: Path) -> Path:
     (src / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
     (src / "model.safetensors").write_bytes(os.urandom(4096))
     store = ModelStore(tmp_path / "store")
-    art = store.publish(src, {"base_model": "test", "pooling": "mean", "dim": 8},
-                        aliases=("production",))
+    art = store.publish(
+        src, {"base_model": "test", "pooling": "mean", "dim": 8}, aliases=("production",)
+    )
     _flip(art.path / "model.safetensors", offset=2000)
     return tmp_path / "store"
 
@@ -266,14 +298,20 @@ def test_changed_byte_in_model_is_refused_naming_the_file(corrupt_model_store: P
         load_model(s)  # refused before any weights are read
 
 
-async def test_service_refuses_to_start_on_a_corrupt_model(corrupt_model_store: Path,
-                                                          tmp_path: Path) -> None:
+async def test_service_refuses_to_start_on_a_corrupt_model(
+    corrupt_model_store: Path, tmp_path: Path
+) -> None:
     from service.app import create_app
 
     catalog = tmp_path / "c.jsonl"
     catalog.write_text("".join(json.dumps(r) + "\n" for r in _rows(3)))
-    s = Settings(store_dir=corrupt_model_store, model="production", faiss_gpu=False,
-                 catalog_path=catalog, redis_url=None)
+    s = Settings(
+        store_dir=corrupt_model_store,
+        model="production",
+        faiss_gpu=False,
+        catalog_path=catalog,
+        redis_url=None,
+    )
     app = create_app(s)
     engine: Engine = app.state.engine
     with pytest.raises(ArtifactError, match="model.safetensors"):

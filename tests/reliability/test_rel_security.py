@@ -54,10 +54,12 @@ async def test_every_state_changing_route_is_admin_only(app_client: Any) -> None
             r = await client.request(method, path)
             assert r.status_code == 401, (method, path, r.text)
             assert r.headers["www-authenticate"] == "Bearer"
-            for bad in ({"Authorization": "Bearer wrong-token-123"},
-                        {"Authorization": f"Basic {TOKEN}"},
-                        {"Authorization": f"Bearer {TOKEN}x"},
-                        {"Authorization": f"Bearer {TOKEN[:-1]}"}):
+            for bad in (
+                {"Authorization": "Bearer wrong-token-123"},
+                {"Authorization": f"Basic {TOKEN}"},
+                {"Authorization": f"Bearer {TOKEN}x"},
+                {"Authorization": f"Bearer {TOKEN[:-1]}"},
+            ):
                 r = await client.request(method, path, headers=bad)
                 assert r.status_code in (401, 403), (method, path, bad, r.text)
                 assert r.json()["error"]["code"] in ("unauthorized", "forbidden")
@@ -73,8 +75,9 @@ async def test_admin_routes_disabled_without_a_token(app_client: Any) -> None:
                 assert "CPREC_ADMIN_TOKEN" in r.json()["error"]["message"]
 
 
-async def test_token_compared_in_constant_time(app_client: Any,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_token_compared_in_constant_time(
+    app_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import service.deps as deps
 
     seen: list[tuple[bytes, bytes]] = []
@@ -94,7 +97,8 @@ async def test_token_compared_in_constant_time(app_client: Any,
 
 
 async def test_token_never_in_logs_errors_or_metrics(
-        app_client: Any, caplog: pytest.LogCaptureFixture) -> None:
+    app_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     bodies: list[str] = []
     with caplog.at_level(logging.DEBUG):
         async with app_client(admin_token=TOKEN) as (client, engine, _):
@@ -104,8 +108,15 @@ async def test_token_never_in_logs_errors_or_metrics(
                 ("GET", "/items/reindex/x", admin("wrong-token-xyz"), None),
                 ("GET", "/items/reindex/x", admin(), None),
                 ("POST", "/items/reindex", admin(), {"mode": "full", "items": []}),
-                ("POST", "/items/reindex", admin(), {"mode": "full", "items": [
-                    {"item_id": TOKEN, "domain": "D", "title": "t"}] * 2}),
+                (
+                    "POST",
+                    "/items/reindex",
+                    admin(),
+                    {
+                        "mode": "full",
+                        "items": [{"item_id": TOKEN, "domain": "D", "title": "t"}] * 2,
+                    },
+                ),
                 ("POST", "/recommend", admin(), {"history": "x"}),
                 ("POST", "/recommend", admin(), {"k": 5}),
             ]
@@ -113,8 +124,11 @@ async def test_token_never_in_logs_errors_or_metrics(
                 r = await client.request(method, path, headers=headers, json=body)
                 bodies.append(r.text + json.dumps(dict(r.headers)))
             # a job that fails (bad row) logs its error
-            r = await client.post("/items/reindex/upload", headers=admin(),
-                                  files={"file": ("c.jsonl", b"{bad\n", "text/plain")})
+            r = await client.post(
+                "/items/reindex/upload",
+                headers=admin(),
+                files={"file": ("c.jsonl", b"{bad\n", "text/plain")},
+            )
             await wait_job(client, r.json()["job_id"])
             bodies.append((await client.get("/metrics")).text)
             bodies.append((await client.get("/openapi.json")).text)
@@ -132,8 +146,10 @@ def test_settings_errors_do_not_echo_the_token() -> None:
 
     from service.settings import Settings
 
-    for kwargs, secret in (({"admin_token": "zq7x"}, "zq7x"),
-                           ({"env": "production", "admin_token": "changeme"}, "changeme")):
+    for kwargs, secret in (
+        ({"admin_token": "zq7x"}, "zq7x"),
+        ({"env": "production", "admin_token": "changeme"}, "changeme"),
+    ):
         with pytest.raises(ValidationError) as err:
             Settings(**kwargs)
         assert secret not in str(err.value), str(err.value)
@@ -161,7 +177,10 @@ async def test_cors_off_unless_configured(app_client: Any) -> None:
         r = await client.get("/live", headers={"Origin": "https://evil.example"})
         assert "access-control-allow-origin" not in r.headers
     async with app_client(admin_token=TOKEN, cors_origins=["https://ok.example"]) as (
-            client, _, _e):
+        client,
+        _,
+        _e,
+    ):
         r = await client.options("/recommend", headers={**pre, "Origin": "https://ok.example"})
         assert r.headers.get("access-control-allow-origin") == "https://ok.example"
         r = await client.options("/recommend", headers=pre)
@@ -180,8 +199,11 @@ async def test_uploads_are_data_only_never_unpickled(app_client: Any) -> None:
     async with app_client(admin_token=TOKEN) as (client, engine, _):
         before = engine.index
         for name in ("c.jsonl", "c.csv"):
-            r = await client.post("/items/reindex/upload", headers=admin(),
-                                  files={"file": (name, payload, "application/octet-stream")})
+            r = await client.post(
+                "/items/reindex/upload",
+                headers=admin(),
+                files={"file": (name, payload, "application/octet-stream")},
+            )
             assert r.status_code == 202, r.text
             job = await wait_job(client, r.json()["job_id"])
             assert job["state"] == "failed" and "upload:" in job["error"]
@@ -210,11 +232,17 @@ def test_saved_vectors_never_unpickled(tmp_path: Path) -> None:
 
 
 def test_no_pickle_or_eval_in_service_code() -> None:
-    banned = re.compile(r"\bimport pickle\b|\bpickle\.loads?\(|allow_pickle\s*=\s*True|"
-                        r"torch\.load\(|\beval\(|\bexec\(|yaml\.load\(|shell\s*=\s*True")
-    hits = [f"{p.relative_to(ROOT)}:{n}" for d in ("service", "model_store")
-            for p in (ROOT / d).rglob("*.py")
-            for n, line in enumerate(p.read_text().splitlines(), 1) if banned.search(line)]
+    banned = re.compile(
+        r"\bimport pickle\b|\bpickle\.loads?\(|allow_pickle\s*=\s*True|"
+        r"torch\.load\(|\beval\(|\bexec\(|yaml\.load\(|shell\s*=\s*True"
+    )
+    hits = [
+        f"{p.relative_to(ROOT)}:{n}"
+        for d in ("service", "model_store")
+        for p in (ROOT / d).rglob("*.py")
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if banned.search(line)
+    ]
     assert not hits, hits
 
 

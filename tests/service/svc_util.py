@@ -32,8 +32,6 @@ CATALOG: list[dict[str, Any]] = [
 ]
 
 
-
-
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path

@@ -97,8 +97,9 @@ async def test_redis_round_trip_and_ttl(redis_url: str, redis_prefix: str) -> No
 async def test_redis_unreachable_is_a_miss_with_backoff() -> None:
     errors: list[str] = []
     port = free_port()  # nothing listens there
-    c = RedisCache(f"redis://127.0.0.1:{port}/0", ttl_s=60, timeout_s=0.05, retry_s=30,
-                   on_error=errors.append)
+    c = RedisCache(
+        f"redis://127.0.0.1:{port}/0", ttl_s=60, timeout_s=0.05, retry_s=30, on_error=errors.append
+    )
     try:
         assert not await c.ping()
         t0 = time.monotonic()

@@ -19,19 +19,32 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def bert_encoder(tiny_bert_dir: Path) -> HFEncoder:
-    return HFEncoder(tiny_bert_dir, pooling="mean", is_decoder=False, max_length=64,
-                     device="cpu", dtype="float32")
+    return HFEncoder(
+        tiny_bert_dir,
+        pooling="mean",
+        is_decoder=False,
+        max_length=64,
+        device="cpu",
+        dtype="float32",
+    )
 
 
 @pytest.fixture(scope="module")
 def llama_encoder(tiny_llama_dir: Path) -> HFEncoder:
-    return HFEncoder(tiny_llama_dir, pooling="last", is_decoder=True, max_length=64,
-                     device="cpu", dtype="float32")
+    return HFEncoder(
+        tiny_llama_dir,
+        pooling="last",
+        is_decoder=True,
+        max_length=64,
+        device="cpu",
+        dtype="float32",
+    )
 
 
 @pytest.fixture(params=["bert", "llama"])
-def encoder(request: pytest.FixtureRequest, bert_encoder: HFEncoder,
-            llama_encoder: HFEncoder) -> HFEncoder:
+def encoder(
+    request: pytest.FixtureRequest, bert_encoder: HFEncoder, llama_encoder: HFEncoder
+) -> HFEncoder:
     return bert_encoder if request.param == "bert" else llama_encoder
 
 

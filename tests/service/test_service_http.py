@@ -57,9 +57,13 @@ async def test_recommend_by_title_across_domains(app_client: Callable[..., Any])
 
 async def test_recommend_by_ids_and_mixed(app_client: Callable[..., Any]) -> None:
     async with app_client() as (client, _, _):
-        r = await client.post("/recommend", json={
-            "history": [{"item_id": "b3"}, {"title": "Space Battle Saga", "domain": "Movies"}],
-            "k": 2})
+        r = await client.post(
+            "/recommend",
+            json={
+                "history": [{"item_id": "b3"}, {"title": "Space Battle Saga", "domain": "Movies"}],
+                "k": 2,
+            },
+        )
         assert r.status_code == 200, r.text
         res = r.json()["results"]
         assert ids(res["Books"])[0] == "b4"  # volume two after volume one
@@ -68,13 +72,16 @@ async def test_recommend_by_ids_and_mixed(app_client: Callable[..., Any]) -> Non
 
 async def test_target_domains_and_k(app_client: Callable[..., Any]) -> None:
     async with app_client() as (client, _, _):
-        r = await client.post("/recommend", json={"history": [COFFEE],
-                                                  "target_domains": ["Books"], "k": 1})
+        r = await client.post(
+            "/recommend", json={"history": [COFFEE], "target_domains": ["Books"], "k": 1}
+        )
         assert r.status_code == 200
         res = r.json()["results"]
         assert list(res) == ["Books"] and ids(res["Books"]) == ["b1"]
-        r = await client.post("/recommend", json={"history": [COFFEE], "k": 200,
-                                                  "target_domains": ["Movies", "Groceries"]})
+        r = await client.post(
+            "/recommend",
+            json={"history": [COFFEE], "k": 200, "target_domains": ["Movies", "Groceries"]},
+        )
         res = r.json()["results"]
         assert sorted(res) == ["Groceries", "Movies"]
         assert len(res["Movies"]) == 4 and len(res["Groceries"]) == 5  # all but the history item
@@ -83,15 +90,21 @@ async def test_target_domains_and_k(app_client: Callable[..., Any]) -> None:
 async def test_exclude_history_ids_and_exact_titles(app_client: Callable[..., Any]) -> None:
     async with app_client() as (client, _, _):
         # A title that differs only in case and spacing still names catalogue item g1.
-        hist = [{"title": "  dark roast   COFFEE beans ", "domain": "Groceries"},
-                {"item_id": "g2"}]
-        r = await client.post("/recommend", json={"history": hist, "k": 10,
-                                                  "target_domains": ["Groceries"]})
+        hist = [{"title": "  dark roast   COFFEE beans ", "domain": "Groceries"}, {"item_id": "g2"}]
+        r = await client.post(
+            "/recommend", json={"history": hist, "k": 10, "target_domains": ["Groceries"]}
+        )
         got = ids(r.json()["results"]["Groceries"])
         assert "g1" not in got and "g2" not in got and len(got) == 4
-        r = await client.post("/recommend", json={"history": hist, "k": 10,
-                                                  "target_domains": ["Groceries"],
-                                                  "exclude_history": False})
+        r = await client.post(
+            "/recommend",
+            json={
+                "history": hist,
+                "k": 10,
+                "target_domains": ["Groceries"],
+                "exclude_history": False,
+            },
+        )
         got = ids(r.json()["results"]["Groceries"])
         assert {"g1", "g2"} <= set(got) and len(got) == 6
         assert got[0] in {"g1", "g2"}
@@ -139,24 +152,28 @@ async def test_unknown_id_and_domain_are_named(app_client: Callable[..., Any]) -
         err = assert_envelope(r, 422, "validation_error")
         assert "nope-42" in err["message"]
         assert err["details"]["field"] == "history[1].item_id"
-        r = await client.post("/recommend", json={"history": [COFFEE],
-                                                  "target_domains": ["Books", "Toys"]})
+        r = await client.post(
+            "/recommend", json={"history": [COFFEE], "target_domains": ["Books", "Toys"]}
+        )
         err = assert_envelope(r, 422, "validation_error")
         assert "Toys" in err["message"] and err["details"]["unknown"] == ["Toys"]
 
 
 @pytest.mark.parametrize(
     ("payload", "field"),
-    [({"history": "coffee"}, "history"),
-     ({"k": 0}, "k"),
-     ({"k": 201}, "k"),
-     ({"history": [{"title": "x"}]}, "history[0]"),
-     ({"history": [], "surprise": 1}, "surprise"),
-     ({"target_domains": []}, "body"),
-     ({"target_domains": ["Books", "Books"]}, "body")],
+    [
+        ({"history": "coffee"}, "history"),
+        ({"k": 0}, "k"),
+        ({"k": 201}, "k"),
+        ({"history": [{"title": "x"}]}, "history[0]"),
+        ({"history": [], "surprise": 1}, "surprise"),
+        ({"target_domains": []}, "body"),
+        ({"target_domains": ["Books", "Books"]}, "body"),
+    ],
 )
-async def test_422_envelope_names_field_and_reason(app_client: Callable[..., Any],
-                                                   payload: dict[str, Any], field: str) -> None:
+async def test_422_envelope_names_field_and_reason(
+    app_client: Callable[..., Any], payload: dict[str, Any], field: str
+) -> None:
     async with app_client() as (client, _, _):
         r = await client.post("/recommend", json=payload)
         err = assert_envelope(r, 422, "validation_error")
@@ -172,8 +189,9 @@ async def test_request_limits(app_client: Callable[..., Any]) -> None:
         r = await client.post("/recommend", json={"history": [COFFEE] * 4})
         err = assert_envelope(r, 413, "payload_too_large")
         assert err["details"]["limit"] == 3
-        r = await client.post("/recommend",
-                              json={"history": [{"title": "x" * 21, "domain": "Books"}]})
+        r = await client.post(
+            "/recommend", json={"history": [{"title": "x" * 21, "domain": "Books"}]}
+        )
         err = assert_envelope(r, 422, "validation_error")
         assert err["details"]["field"] == "history[0].title"
 
@@ -181,10 +199,13 @@ async def test_request_limits(app_client: Callable[..., Any]) -> None:
 async def test_404_envelope(app_client: Callable[..., Any]) -> None:
     async with app_client() as (client, _, _):
         assert_envelope(await client.get("/nope"), 404, "not_found")
-        err = assert_envelope(await client.get("/items/reindex/deadbeef",
-                                               headers={"Authorization":
-                                                        "Bearer test-admin-token-123"}),
-                              404, "not_found")
+        err = assert_envelope(
+            await client.get(
+                "/items/reindex/deadbeef", headers={"Authorization": "Bearer test-admin-token-123"}
+            ),
+            404,
+            "not_found",
+        )
         assert err["details"] == {"job_id": "deadbeef"}
         assert_envelope(await client.get("/recommend"), 405, "method_not_allowed")
 
@@ -201,10 +222,11 @@ async def test_413_body_limit(app_client: Callable[..., Any]) -> None:
 
         async def gen():  # type: ignore[no-untyped-def]
             for i in range(0, len(data), 512):
-                yield data[i:i + 512]
+                yield data[i : i + 512]
 
-        r = await client.post("/recommend", content=gen(),
-                              headers={"content-type": "application/json"})
+        r = await client.post(
+            "/recommend", content=gen(), headers={"content-type": "application/json"}
+        )
         assert_envelope(r, 413, "payload_too_large")
         ok = await client.post("/recommend", json={"history": [COFFEE]})
         assert ok.status_code == 200
@@ -243,8 +265,7 @@ async def test_429_when_encoder_queue_full(app_client: Callable[..., Any]) -> No
         assert 'cprec_errors_total{code="overloaded"} 1.0' in m
 
 
-async def test_ready_503_before_start_then_200_and_live(make_settings: Callable[..., Any]
-                                                        ) -> None:
+async def test_ready_503_before_start_then_200_and_live(make_settings: Callable[..., Any]) -> None:
     enc = FakeEncoder()
     app = create_app(engine=Engine(make_settings(), encoder=enc, model_version="fake-v1"))
     transport = httpx.ASGITransport(app=app)

@@ -19,13 +19,17 @@ def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
 
 def _catalog(n_per: int = 50, dim: int = 16, seed: int = 0) -> tuple[list[Item], np.ndarray]:
     rng = np.random.default_rng(seed)
-    items = [Item(f"{d}-{i}", d, f"{d} title {i}", None, float((i * 7) % 13))
-             for d in ("A", "B", "C") for i in range(n_per)]
+    items = [
+        Item(f"{d}-{i}", d, f"{d} title {i}", None, float((i * 7) % 13))
+        for d in ("A", "B", "C")
+        for i in range(n_per)
+    ]
     return items, _unit(rng, len(items), dim)
 
 
-def _brute(items: list[Item], vecs: np.ndarray, domain: str, q: np.ndarray, k: int,
-           exclude: set[int]) -> list[int]:
+def _brute(
+    items: list[Item], vecs: np.ndarray, domain: str, q: np.ndarray, k: int, exclude: set[int]
+) -> list[int]:
     rows = [r for r, it in enumerate(items) if it.domain == domain and r not in exclude]
     scores = vecs[rows] @ q
     order = np.argsort(-scores, kind="stable")[:k]
@@ -179,8 +183,9 @@ def test_hnsw_recall_at_10_vs_exact(tmp_path: Path) -> None:
     qs = _unit(rng, 200, dim)
     truth = exact.search("D", qs, 10)
     got = approx.search("D", qs, 10)
-    recall = np.mean([len({r for r, _ in g} & {r for r, _ in t}) / 10
-                      for g, t in zip(got, truth, strict=True)])
+    recall = np.mean(
+        [len({r for r, _ in g} & {r for r, _ in t}) / 10 for g, t in zip(got, truth, strict=True)]
+    )
     assert recall >= 0.95, recall
     # The saved HNSW index comes back with the requested efSearch and the same answers.
     back = ItemIndex.load(approx.save(tmp_path), ef_search=64)
@@ -194,8 +199,10 @@ def test_jsonl_catalogue_keeps_titles_with_unicode_line_separators():
 
     from service.catalog import parse_catalog
 
-    rows = [{"item_id": "a", "domain": "D", "title": "first\u2028part"},
-            {"item_id": "b", "domain": "D", "title": "x\x85y"}]
+    rows = [
+        {"item_id": "a", "domain": "D", "title": "first\u2028part"},
+        {"item_id": "b", "domain": "D", "title": "x\x85y"},
+    ]
     data = "\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode()
     items = parse_catalog(data, "jsonl")
     assert [it.item_id for it in items] == ["a", "b"]

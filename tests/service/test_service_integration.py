@@ -19,12 +19,22 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="session")
-async def minilm_app(minilm_store: Path, redis_url: str, redis_prefix: str
-                     ) -> AsyncIterator[tuple[httpx.AsyncClient, Engine]]:
-    settings = Settings(store_dir=minilm_store, base_model="minilm-l6", model="production",
-                        catalog_path=DEMO_CATALOG, device="cpu", dtype="float32",
-                        faiss_gpu=False, redis_url=redis_url, redis_prefix=redis_prefix,
-                        redis_timeout_s=1.0, admin_token=None)
+async def minilm_app(
+    minilm_store: Path, redis_url: str, redis_prefix: str
+) -> AsyncIterator[tuple[httpx.AsyncClient, Engine]]:
+    settings = Settings(
+        store_dir=minilm_store,
+        base_model="minilm-l6",
+        model="production",
+        catalog_path=DEMO_CATALOG,
+        device="cpu",
+        dtype="float32",
+        faiss_gpu=False,
+        redis_url=redis_url,
+        redis_prefix=redis_prefix,
+        redis_timeout_s=1.0,
+        admin_token=None,
+    )
     engine = Engine(settings)
     app = create_app(engine=engine)
     async with app.router.lifespan_context(app):
@@ -38,36 +48,48 @@ def _titles(body: dict[str, Any], domain: str) -> list[str]:
 
 
 async def test_minilm_coffee_history_recommends_coffee_groceries(
-        minilm_app: tuple[httpx.AsyncClient, Engine]) -> None:
+    minilm_app: tuple[httpx.AsyncClient, Engine],
+) -> None:
     client, engine = minilm_app
     assert engine.model_version == "base-minilm-l6" and engine.encoder.dim == 384
     ready = (await client.get("/ready")).json()
     assert set(ready["domains"]) == {"Games", "Groceries", "Kitchen", "Movies", "Office"}
-    hist = [{"title": "Colombian Medium Roast Ground Coffee, 12 oz", "domain": "Groceries"},
-            {"title": "Espresso Whole Bean Coffee, Dark Roast", "domain": "Groceries"},
-            {"title": "Stainless Steel Pour Over Coffee Dripper", "domain": "Kitchen"}]
-    r = await client.post("/recommend", json={"history": hist, "k": 5,
-                                              "target_domains": ["Groceries", "Kitchen"]})
+    hist = [
+        {"title": "Colombian Medium Roast Ground Coffee, 12 oz", "domain": "Groceries"},
+        {"title": "Espresso Whole Bean Coffee, Dark Roast", "domain": "Groceries"},
+        {"title": "Stainless Steel Pour Over Coffee Dripper", "domain": "Kitchen"},
+    ]
+    r = await client.post(
+        "/recommend", json={"history": hist, "k": 5, "target_domains": ["Groceries", "Kitchen"]}
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     groceries = _titles(body, "Groceries")
-    coffeeish = [t for t in groceries if any(w in t.lower() for w in
-                                             ("coffee", "espresso", "roast", "brew", "bean"))]
+    coffeeish = [
+        t
+        for t in groceries
+        if any(w in t.lower() for w in ("coffee", "espresso", "roast", "brew", "bean"))
+    ]
     assert len(coffeeish) >= 3, groceries
     assert any("coffee" in t.lower() or "espresso" in t.lower() for t in groceries[:2]), groceries
     scores = [x["score"] for x in body["results"]["Groceries"]]
     assert all(-1.0 <= s <= 1.0 for s in scores) and scores == sorted(scores, reverse=True)
 
 
-async def test_minilm_by_id_and_redis_cache(minilm_app: tuple[httpx.AsyncClient, Engine],
-                                            redis_url: str, redis_prefix: str) -> None:
+async def test_minilm_by_id_and_redis_cache(
+    minilm_app: tuple[httpx.AsyncClient, Engine], redis_url: str, redis_prefix: str
+) -> None:
     import redis.asyncio as aioredis
 
     client, engine = minilm_app
     assert engine.cache.kind == "redis"
     first_id = engine.index.items[engine.index.rows_by_domain["Movies"][0]].item_id
-    req = {"history": [{"item_id": first_id},
-                       {"title": f"unique title {uuid.uuid4().hex}", "domain": "Movies"}]}
+    req = {
+        "history": [
+            {"item_id": first_id},
+            {"title": f"unique title {uuid.uuid4().hex}", "domain": "Movies"},
+        ]
+    }
     a = await client.post("/recommend", json=req)
     b = await client.post("/recommend", json=req)
     assert a.status_code == b.status_code == 200
@@ -91,13 +113,17 @@ async def test_app_serves_when_redis_is_down(make_settings: Any) -> None:
 
     from service.encoder import FakeEncoder
 
-    settings = make_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0",
-                             redis_timeout_s=0.05, redis_retry_s=30,
-                             result_cache_size=0)  # the repeat must reach the cache
+    settings = make_settings(
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",
+        redis_timeout_s=0.05,
+        redis_retry_s=30,
+        result_cache_size=0,
+    )  # the repeat must reach the cache
     app = create_app(engine=Engine(settings, encoder=FakeEncoder(), model_version="fake-v1"))
     async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                     base_url="http://t") as c:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://t"
+        ) as c:
             req = {"history": [{"item_id": "g1"}]}
             for _ in range(2):
                 r = await c.post("/recommend", json=req)
@@ -120,8 +146,9 @@ def test_smollm2_last_token_unit_vectors(smollm_dir: Path) -> None:
 
     assert (smollm_dir / "model.safetensors").is_file()
     assert detect_pooling(smollm_dir) == "last"
-    enc = HFEncoder(smollm_dir, pooling="last", is_decoder=True, max_length=64, device="cpu",
-                    dtype="float32")
+    enc = HFEncoder(
+        smollm_dir, pooling="last", is_decoder=True, max_length=64, device="cpu", dtype="float32"
+    )
     assert enc.dim == 576
     texts = ["Groceries: dark roast coffee beans", "Games: space strategy saga; Movies: alien"]
     ids = enc.pre(texts, "query")

@@ -41,11 +41,13 @@ async def test_auth_401_403(app_client: Callable[..., Any]) -> None:
         r = await client.post("/items/reindex", json=payload)
         assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
         assert r.headers["www-authenticate"] == "Bearer"
-        r = await client.post("/items/reindex", json=payload,
-                              headers={"Authorization": f"Basic {ADMIN_TOKEN}"})
+        r = await client.post(
+            "/items/reindex", json=payload, headers={"Authorization": f"Basic {ADMIN_TOKEN}"}
+        )
         assert r.status_code == 401
-        r = await client.post("/items/reindex", json=payload,
-                              headers={"Authorization": "Bearer wrong-token-xyz"})
+        r = await client.post(
+            "/items/reindex", json=payload, headers={"Authorization": "Bearer wrong-token-xyz"}
+        )
         assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
         r = await client.get("/items/reindex/anything")
         assert r.status_code == 401
@@ -54,8 +56,11 @@ async def test_auth_401_403(app_client: Callable[..., Any]) -> None:
 
 async def test_admin_off_without_token(app_client: Callable[..., Any]) -> None:
     async with app_client(admin_token=None) as (client, engine, _):
-        r = await client.post("/items/reindex", json={"mode": "full", "items": NEW_ITEMS},
-                              headers={"Authorization": "Bearer anything-at-all"})
+        r = await client.post(
+            "/items/reindex",
+            json={"mode": "full", "items": NEW_ITEMS},
+            headers={"Authorization": "Bearer anything-at-all"},
+        )
         assert r.status_code == 403
         assert "CPREC_ADMIN_TOKEN" in r.json()["error"]["message"]
         assert engine.jobs == {}
@@ -87,38 +92,55 @@ async def test_full_reindex_replaces_catalogue(app_client: Callable[..., Any]) -
 
 async def test_upsert_and_delete(app_client: Callable[..., Any]) -> None:
     async with app_client() as (client, engine, _):
-        job = await _submit(client, {"mode": "upsert", "items": [
-            {"item_id": "b5", "domain": "Books", "title": "Coffee Gardening Almanac"},
-            {"item_id": "b9", "domain": "Books", "title": "Coffee Roasting at Home"}]})
+        job = await _submit(
+            client,
+            {
+                "mode": "upsert",
+                "items": [
+                    {"item_id": "b5", "domain": "Books", "title": "Coffee Gardening Almanac"},
+                    {"item_id": "b9", "domain": "Books", "title": "Coffee Roasting at Home"},
+                ],
+            },
+        )
         done = await wait_job(client, job["job_id"])
         assert done["state"] == "succeeded" and done["total"] == 2  # only changed items embedded
         assert engine.index.size("Books") == 6 and len(engine.index.items) == len(CATALOG) + 1
         assert engine.index.items[engine.index.by_id["b5"]].title == "Coffee Gardening Almanac"
-        r = await client.post("/recommend", json={
-            "history": [{"title": "Coffee Roasting Beans", "domain": "Groceries"}],
-            "target_domains": ["Books"], "k": 3})
+        r = await client.post(
+            "/recommend",
+            json={
+                "history": [{"title": "Coffee Roasting Beans", "domain": "Groceries"}],
+                "target_domains": ["Books"],
+                "k": 3,
+            },
+        )
         assert "b9" in ids(r.json(), "Books")
         job = await _submit(client, {"mode": "delete", "item_ids": ["b9", "m1"]})
         done = await wait_job(client, job["job_id"])
         assert done["state"] == "succeeded" and done["total"] == 0
         assert "b9" not in engine.index.by_id and "m1" not in engine.index.by_id
         assert engine.index.size("Movies") == 3
-        r = await client.post("/items/reindex", json={"mode": "delete", "item_ids": ["zz"]},
-                              headers=admin())
+        r = await client.post(
+            "/items/reindex", json={"mode": "delete", "item_ids": ["zz"]}, headers=admin()
+        )
         assert r.status_code == 422 and "zz" in r.json()["error"]["message"]
 
 
 async def test_inline_payload_validation(app_client: Callable[..., Any]) -> None:
     async with app_client() as (client, engine, _):
-        for payload in ({"mode": "full"}, {"mode": "delete", "items": NEW_ITEMS},
-                        {"mode": "rebuild", "items": NEW_ITEMS},
-                        {"mode": "full", "items": [{"item_id": "x", "domain": "D"}]}):
+        for payload in (
+            {"mode": "full"},
+            {"mode": "delete", "items": NEW_ITEMS},
+            {"mode": "rebuild", "items": NEW_ITEMS},
+            {"mode": "full", "items": [{"item_id": "x", "domain": "D"}]},
+        ):
             r = await client.post("/items/reindex", json=payload, headers=admin())
             assert r.status_code == 422, (payload, r.text)
             assert r.json()["error"]["code"] == "validation_error"
         dup = [NEW_ITEMS[0], NEW_ITEMS[0]]
-        r = await client.post("/items/reindex", json={"mode": "full", "items": dup},
-                              headers=admin())
+        r = await client.post(
+            "/items/reindex", json={"mode": "full", "items": dup}, headers=admin()
+        )
         assert r.status_code == 422 and "duplicate" in r.json()["error"]["message"]
         assert engine.jobs == {}
 
@@ -131,42 +153,61 @@ def _jsonl(rows: list[dict[str, Any]]) -> bytes:
 
 async def test_upload_jsonl_and_csv(app_client: Callable[..., Any]) -> None:
     async with app_client() as (client, engine, _):
-        r = await client.post("/items/reindex/upload", headers=admin(), data={"mode": "full"},
-                              files={"file": ("cat.jsonl", _jsonl(NEW_ITEMS),
-                                              "application/octet-stream")})
+        r = await client.post(
+            "/items/reindex/upload",
+            headers=admin(),
+            data={"mode": "full"},
+            files={"file": ("cat.jsonl", _jsonl(NEW_ITEMS), "application/octet-stream")},
+        )
         assert r.status_code == 202, r.text
         assert (await wait_job(client, r.json()["job_id"]))["state"] == "succeeded"
         assert sorted(engine.index.by_id) == ["g1", "t1", "t2"]
-        csv_data = ("item_id,domain,title,popularity\n"
-                    "k1,Kitchen,\"French Press, Glass\",4\n"
-                    "k2,Kitchen,Coffee Grinder,\n")
-        r = await client.post("/items/reindex/upload", headers=admin(), data={"mode": "upsert"},
-                              files={"file": ("more.csv", csv_data.encode(), "text/csv")})
+        csv_data = (
+            "item_id,domain,title,popularity\n"
+            'k1,Kitchen,"French Press, Glass",4\n'
+            "k2,Kitchen,Coffee Grinder,\n"
+        )
+        r = await client.post(
+            "/items/reindex/upload",
+            headers=admin(),
+            data={"mode": "upsert"},
+            files={"file": ("more.csv", csv_data.encode(), "text/csv")},
+        )
         assert r.status_code == 202, r.text
         assert (await wait_job(client, r.json()["job_id"]))["state"] == "succeeded"
         idx = engine.index
         assert sorted(idx.by_id) == ["g1", "k1", "k2", "t1", "t2"]
         assert idx.items[idx.by_id["k1"]].title == "French Press, Glass"
         assert idx.items[idx.by_id["k1"]].popularity == 4.0
-        r = await client.post("/items/reindex/upload", headers=admin(),
-                              files={"file": ("cat.txt", b"x", "application/octet-stream")})
+        r = await client.post(
+            "/items/reindex/upload",
+            headers=admin(),
+            files={"file": ("cat.txt", b"x", "application/octet-stream")},
+        )
         assert r.status_code == 422 and r.json()["error"]["details"]["field"] == "file"
 
 
 async def test_bad_upload_row_fails_job_and_old_index_serves(
-        app_client: Callable[..., Any]) -> None:
+    app_client: Callable[..., Any],
+) -> None:
     async with app_client() as (client, engine, _):
         version = engine.index.version
         rows = _jsonl(NEW_ITEMS[:2]) + b'{"item_id": "bad", "domain": "Toys"}\n'
-        r = await client.post("/items/reindex/upload", headers=admin(),
-                              files={"file": ("cat.jsonl", rows, "application/x-ndjson")})
+        r = await client.post(
+            "/items/reindex/upload",
+            headers=admin(),
+            files={"file": ("cat.jsonl", rows, "application/x-ndjson")},
+        )
         assert r.status_code == 202
         done = await wait_job(client, r.json()["job_id"])
         assert done["state"] == "failed"
         assert ":3:" in done["error"] and "title" in done["error"]
         csv_bad = "item_id,domain,title\nk1,Kitchen,Kettle\nk2,Kitchen,Mug,extra\n"
-        r = await client.post("/items/reindex/upload", headers=admin(),
-                              files={"file": ("c.csv", csv_bad.encode(), "text/csv")})
+        r = await client.post(
+            "/items/reindex/upload",
+            headers=admin(),
+            files={"file": ("c.csv", csv_bad.encode(), "text/csv")},
+        )
         done = await wait_job(client, r.json()["job_id"])
         assert done["state"] == "failed" and ":3:" in done["error"]
         assert engine.index.version == version
@@ -196,8 +237,9 @@ async def test_second_reindex_while_running_is_409(app_client: Callable[..., Any
         enc.entered.clear()
         job = await _submit(client, {"mode": "full", "items": NEW_ITEMS})
         await asyncio.to_thread(enc.entered.wait, 5)
-        r = await client.post("/items/reindex", json={"mode": "upsert", "items": NEW_ITEMS},
-                              headers=admin())
+        r = await client.post(
+            "/items/reindex", json={"mode": "upsert", "items": NEW_ITEMS}, headers=admin()
+        )
         assert r.status_code == 409 and r.json()["error"]["code"] == "conflict"
         assert r.json()["error"]["details"]["job_id"] == job["job_id"]
         status = (await client.get(f"/items/reindex/{job['job_id']}", headers=admin())).json()
@@ -212,7 +254,8 @@ async def test_second_reindex_while_running_is_409(app_client: Callable[..., Any
 
 
 async def test_new_index_saved_and_reloaded_without_reembedding(
-        app_client: Callable[..., Any], make_settings: Callable[..., Any]) -> None:
+    app_client: Callable[..., Any], make_settings: Callable[..., Any]
+) -> None:
     async with app_client() as (client, engine, _):
         job = await _submit(client, {"mode": "full", "items": NEW_ITEMS})
         done = await wait_job(client, job["job_id"])

@@ -46,9 +46,16 @@ def test_redis_url_alias(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize(
     ("env", "value"),
-    [("CPREC_PORT", "0"), ("CPREC_PORT", "70000"), ("CPREC_INDEX_KIND", "ivf"),
-     ("CPREC_MAX_BATCH_SIZE", "0"), ("CPREC_ENV", "staging"), ("CPREC_MAX_WAIT_MS", "-1"),
-     ("CPREC_MAX_LENGTH", "4"), ("CPREC_BATCHING", "perhaps")],
+    [
+        ("CPREC_PORT", "0"),
+        ("CPREC_PORT", "70000"),
+        ("CPREC_INDEX_KIND", "ivf"),
+        ("CPREC_MAX_BATCH_SIZE", "0"),
+        ("CPREC_ENV", "staging"),
+        ("CPREC_MAX_WAIT_MS", "-1"),
+        ("CPREC_MAX_LENGTH", "4"),
+        ("CPREC_BATCHING", "perhaps"),
+    ],
 )
 def test_invalid_values_refused(monkeypatch: pytest.MonkeyPatch, env: str, value: str) -> None:
     monkeypatch.setenv(env, value)

@@ -20,12 +20,24 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_uvicorn_process_serves_and_exits_cleanly_on_sigterm(minilm_store: Path) -> None:
     port = free_port()
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("CPREC_") and k != "REDIS_URL"}
-    env.update({"CPREC_STORE_DIR": str(minilm_store), "CPREC_DEVICE": "cpu",
-                "CPREC_DTYPE": "float32", "CPREC_LOG_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1"})
-    proc = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port)], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CPREC_") and k != "REDIS_URL"}
+    env.update(
+        {
+            "CPREC_STORE_DIR": str(minilm_store),
+            "CPREC_DEVICE": "cpu",
+            "CPREC_DTYPE": "float32",
+            "CPREC_LOG_LEVEL": "WARNING",
+            "HF_HUB_OFFLINE": "1",
+        }
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service", "--port", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
@@ -43,9 +55,15 @@ def test_uvicorn_process_serves_and_exits_cleanly_on_sigterm(minilm_store: Path)
         assert ready is not None and ready.status_code == 200, "not ready within 90 s"
         assert ready.json()["model_version"] == "base-minilm-l6"
         assert httpx.get(f"{base}/live", timeout=5).json() == {"status": "live"}
-        r = httpx.post(f"{base}/recommend", timeout=30, json={
-            "history": [{"title": "Dark Roast Whole Bean Coffee", "domain": "Groceries"}],
-            "target_domains": ["Groceries"], "k": 3})
+        r = httpx.post(
+            f"{base}/recommend",
+            timeout=30,
+            json={
+                "history": [{"title": "Dark Roast Whole Bean Coffee", "domain": "Groceries"}],
+                "target_domains": ["Groceries"],
+                "k": 3,
+            },
+        )
         assert r.status_code == 200, r.text
         assert len(r.json()["results"]["Groceries"]) == 3
         proc.send_signal(signal.SIGTERM)
