@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
+SRC := cprec service model_store training tests bench
 
 .PHONY: install serve test test-fast lint fmt typecheck train bench audit clean
 
@@ -25,16 +26,19 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	@command -v docker-compose >/dev/null 2>&1 || (apt-get install -y -q --no-install-recommends docker-compose >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends docker-compose >/dev/null 2>&1) || echo "docker-compose not installable; its test will skip")
+	# Lint and layout first (a second or two): CI is the only place every change passes through.
+	$(BIN)/ruff check $(SRC)
+	$(BIN)/ruff format --check $(SRC)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not integration and not slow"
 
 lint: $(STAMP)
-	$(BIN)/ruff check cprec service model_store training tests bench
+	$(BIN)/ruff check $(SRC)
 
 fmt: $(STAMP)
-	$(BIN)/ruff format cprec service model_store training tests bench
+	$(BIN)/ruff format $(SRC)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy service model_store cprec
