@@ -73,6 +73,7 @@ def summarise(
                 # which sets the service's CPU dtype): each run says which one it had
                 "avx512_bf16": r.get("device", {}).get("avx512_bf16"),
                 "cuda": r.get("device", {}).get("cuda"),
+                "cpu": r.get("device", {}).get("cpu"),
             }
             for n in BENCHES
             if (r := _load(d, n))
@@ -98,7 +99,11 @@ def _cell(v: Any) -> str:
     if isinstance(v, bool):
         return "yes" if v else "no"
     if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+        if abs(v) >= 100:
+            return f"{v:.0f}"
+        short = f"{v:.3g}"
+        # a cosine of 0.99992 is not 1: keep the digits that tell it apart from a whole number
+        return f"{v:.6g}" if float(short) == round(v) != v else short
     if isinstance(v, dict):
         return ", ".join(f"{k}: {x}" for k, x in v.items())
     return str(v).replace("|", "/")
@@ -124,14 +129,20 @@ def render(mode: str) -> str:
         if peak > 3.0
         else " (about the benchmarks' own load of ~2)"
     )
-    kinds = {(r.get("avx512_bf16"), r.get("cuda")) for r in s.get("runs", {}).values()}
+    runs = s.get("runs", {})
+    kinds = {(r.get("cpu"), r.get("avx512_bf16"), r.get("cuda")) for r in runs.values()}
     bf16 = dev.get("avx512_bf16")
     dtype_note = (
         f" Native bf16: {'yes' if bf16 else 'no'}, so the service's CPU dtype is "
         f"{'bf16' if bf16 else 'fp32'} (`CPREC_DTYPE=auto`)."
         + (
-            " **The benchmarks below ran on different machines** (see each run's device in "
-            "`summary.json`); compare ratios within one benchmark only."
+            " **The benchmarks below ran on different machines** ("
+            + ", ".join(
+                f"{n} on {r.get('cpu') or '?'}"
+                + (" with native bf16" if r.get("avx512_bf16") else " without native bf16")
+                for n, r in runs.items()
+            )
+            + "); compare ratios within one benchmark only."
             if len(kinds) > 1
             else ""
         )
@@ -242,6 +253,28 @@ def render(mode: str) -> str:
             enc["rows"],
             ["model", "variant", "dtype", "kind", "batch", "mean_tokens", "seq_s", "tok_s"],
         )
+        agree = enc.get("dtype_agreement")
+        if agree:
+            lines += [
+                "",
+                f"Default dtype ({agree['dtype']}) against fp32: cosine between the vectors of "
+                "the same texts, each encoded alone (the `bf16_cosine_vs_fp32` target; the "
+                "`default` quality row below is its ranking effect).",
+                "",
+            ]
+            lines += _table(
+                [agree],
+                [
+                    "model",
+                    "dtype",
+                    "history_n",
+                    "history_cos_min",
+                    "history_cos_mean",
+                    "title_n",
+                    "title_cos_min",
+                    "title_cos_mean",
+                ],
+            )
         q = enc["quantization"]
         from bench.encoder import int8_decision
 

@@ -150,6 +150,7 @@ def device_info() -> dict[str, Any]:
     with contextlib.suppress(OSError):
         flags = Path("/proc/cpuinfo").read_text()
         info["avx512_bf16"] = "avx512_bf16" in flags
+        info["amx_bf16"] = "amx_bf16" in flags  # bf16 matrix tiles: bf16 forwards much faster
         for line in flags.splitlines():
             if line.startswith("model name"):
                 info["cpu"] = line.split(":", 1)[1].strip()
@@ -200,9 +201,11 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def target(measured: float, goal: float, met: bool, command: str, **extra: Any) -> dict[str, Any]:
+def target(
+    measured: float, goal: float, met: bool, command: str, digits: int = 4, **extra: Any
+) -> dict[str, Any]:
     return {
-        "measured": round(float(measured), 4),
+        "measured": round(float(measured), digits),
         "target": goal,
         "met": bool(met),
         "command": command,

@@ -25,7 +25,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent / "service"))
 
 from svc_util import ADMIN_TOKEN, CATALOG, free_port, write_jsonl  # noqa: E402
-from testutil import redis_binary  # noqa: E402
+from testutil import build_tiny_llama, redis_binary, redis_server_argv  # noqa: E402
 
 
 @pytest.fixture
@@ -114,35 +114,7 @@ TINY_WORDS = (
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer random Llama with a word-level tokenizer (eos = pad = </s>)."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tiny-llama")
-    vocab = {"<unk>": 0, "</s>": 1, "<pad>": 2}
-    for w in TINY_WORDS + [":", ";"]:
-        vocab.setdefault(w, len(vocab))
-    raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=raw, unk_token="<unk>", eos_token="</s>", pad_token="<pad>"
-    )
-    cfg = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        eos_token_id=1,
-        pad_token_id=2,
-        bos_token_id=None,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), TINY_WORDS + [":", ";"])
 
 
 @pytest.fixture(scope="session")
@@ -166,19 +138,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Any:
     port = free_port()
     workdir = tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
+        redis_server_argv(binary, port, workdir),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

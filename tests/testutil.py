@@ -31,6 +31,57 @@ def redis_binary() -> str | None:
     return str(cand) if cand.exists() else None
 
 
+def redis_server_argv(binary: str, port: int, workdir: Path) -> list[str]:
+    """A throwaway redis-server: loopback only, no persistence, files kept in ``workdir``."""
+    return [
+        binary,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(workdir),
+    ]
+
+
+def build_tiny_llama(out: Path, words: list[str]) -> Path:
+    """2-layer random Llama (hidden 32, seed 0) with a word-level tokenizer over ``words``
+    (eos ``</s>``, pad ``<pad>``): a real decoder, built in milliseconds, for unit tests."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    vocab = {"<unk>": 0, "</s>": 1, "<pad>": 2}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=raw, unk_token="<unk>", eos_token="</s>", pad_token="<pad>"
+    )
+    cfg = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        eos_token_id=1,
+        pad_token_id=2,
+        bos_token_id=None,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 async def wait_job(
     client: httpx.AsyncClient, job_id: str, headers: dict[str, str], timeout: float = 60
 ) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import httpx
 import numpy as np
 from testutil import free_port as free_port  # re-exported
 from testutil import redis_binary as redis_binary  # re-exported
+from testutil import redis_server_argv
 from testutil import wait_job as _wait_job
 
 from service.encoder import FakeEncoder
@@ -74,19 +75,7 @@ class RedisServer:
 
     def start(self, timeout: float = 10) -> None:
         self.proc = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
+            redis_server_argv(self.binary, self.port, self.workdir),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

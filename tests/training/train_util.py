@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import testutil
 
 from training.config import TrainConfig, load_config
 from training.data import LoadedData
@@ -81,35 +82,7 @@ def vocab_words() -> list[str]:
 
 def build_tiny_llama(out: Path) -> Path:
     """2-layer random Llama (hidden 32) with a word-level tokenizer over the toy vocabulary."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    torch.manual_seed(0)
-    vocab = {"<unk>": 0, "</s>": 1, "<pad>": 2}
-    for w in vocab_words():
-        vocab.setdefault(w, len(vocab))
-    raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=raw, unk_token="<unk>", eos_token="</s>", pad_token="<pad>"
-    )
-    cfg = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        eos_token_id=1,
-        pad_token_id=2,
-        bos_token_id=None,
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return testutil.build_tiny_llama(out, vocab_words())
 
 
 def build_tiny_bert(out: Path) -> Path:
