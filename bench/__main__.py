@@ -219,7 +219,14 @@ def render(mode: str) -> str:
         "time when it runs beside a forward: the device thread's two OpenMP threads wait at "
         "every barrier whenever another thread takes one of the cores (compare "
         "`seq_s_in_forward` with the raw table). Coalescing whole cohorts of clients into one "
-        "batch moves most of that work between forwards.",
+        "batch moves most of that work between forwards, where it costs device idle time "
+        "instead (`device_busy`): the cohort's searches, responses and next requests go through "
+        "one event loop, a roughly fixed number of milliseconds per batch. The faster the "
+        "forwards (bf16 matrix units such as AMX), the larger that fixed share of each batch, "
+        "and the lower `device_busy` on the same code. Answering each forward's "
+        "requests at once and letting the next ones join (continuous batching) kept the device "
+        "busy but slowed every forward by more than it gained on 2 cores (A/B in the issue "
+        "notes), so batches are answered whole.",
         "",
         "### Targets",
         "",
