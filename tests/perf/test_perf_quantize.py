@@ -52,12 +52,16 @@ def test_quantize_setting_defaults_off() -> None:
 
 @pytest.mark.integration
 def test_bf16_close_to_fp32(minilm_dir: Path) -> None:
-    """The CPU default on machines with native bf16 (``CPREC_DTYPE=auto``) keeps the vectors."""
+    """The CPU default on machines with native bf16 (``CPREC_DTYPE=auto``) keeps the vectors
+    within the issue's cosine 0.9999 of fp32 (0.99995 for these texts on an AMX Xeon; the
+    encoder bench measures the same on 640 FK texts: ``bf16_cosine_vs_fp32``)."""
+    from bench.encoder import BF16_COS
+
     fp32 = HFEncoder(minilm_dir, pooling="mean", is_decoder=False, device="cpu", dtype="float32")
     bf16 = HFEncoder(minilm_dir, pooling="mean", is_decoder=False, device="cpu", dtype="bfloat16")
     a = fp32.core(fp32.pre(TEXTS, "query"))
     b = bf16.core(bf16.pre(TEXTS, "query"))
-    assert (a * b).sum(1).min() >= 0.999
+    assert (a * b).sum(1).min() >= BF16_COS
 
 
 @pytest.mark.integration
