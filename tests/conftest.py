@@ -25,7 +25,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent / "service"))
 
 from svc_util import ADMIN_TOKEN, CATALOG, free_port, write_jsonl  # noqa: E402
-from testutil import build_tiny_llama, redis_binary, redis_server_argv  # noqa: E402
+from testutil import build_tiny_bert, build_tiny_llama, redis_binary, redis_server_argv  # noqa: E402
 
 
 @pytest.fixture
@@ -86,23 +86,7 @@ def minilm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
     """A 2-layer random BERT with MiniLM's real tokenizer (vocab 30522)."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tiny-bert")
-    tok = AutoTokenizer.from_pretrained(minilm_dir)
-    cfg = BertConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    BertModel(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), minilm_dir)
 
 
 TINY_WORDS = (

@@ -87,25 +87,9 @@ def build_tiny_llama(out: Path) -> Path:
 
 def build_tiny_bert(out: Path) -> Path:
     """2-layer random BERT (hidden 32) with the bundled MiniLM tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
     from cprec.lm import bundled_dir
 
-    torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(bundled_dir("minilm-l6", out.parent))
-    cfg = BertConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    BertModel(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return testutil.build_tiny_bert(out, bundled_dir("minilm-l6", out.parent))
 
 
 def tiny_config(tmp: Path, base: Path, *overrides: str, **raw: Any) -> TrainConfig:
