@@ -49,3 +49,29 @@ async def test_live_answers_during_forward(app_client: Any, batching: bool) -> N
         finally:
             enc.release.set()
         assert (await asyncio.wait_for(rec, 10)).status_code == 200
+
+
+async def test_requests_take_no_thread_pool_hop(app_client: Any, monkeypatch: Any) -> None:
+    """The route dependencies are ``async``: FastAPI would run a plain ``def`` dependency in its
+    thread pool, one thread hop per request just to read ``app.state.engine``."""
+    import fastapi.dependencies.utils as dep_utils
+    from svc_util import ADMIN_TOKEN
+
+    hops: list[Any] = []
+    real = dep_utils.run_in_threadpool
+
+    async def counting(func: Any, *args: Any, **kwargs: Any) -> Any:
+        hops.append(func)
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(dep_utils, "run_in_threadpool", counting)
+    async with app_client() as (client, _engine, _):
+        r = await client.post(
+            "/recommend", json={"history": [{"domain": "Books", "title": "Space Opera Saga"}]}
+        )
+        assert r.status_code == 200, r.text
+        r = await client.get(
+            "/items/reindex/nope", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        )
+        assert r.status_code == 404, r.text
+    assert hops == []
