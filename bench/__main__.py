@@ -132,8 +132,9 @@ def render(mode: str) -> str:
     runs = s.get("runs", {})
     kinds = {(r.get("cpu"), r.get("avx512_bf16"), r.get("cuda")) for r in runs.values()}
     bf16 = dev.get("avx512_bf16")
+    native = ("yes, with AMX tiles" if dev.get("amx_bf16") else "yes") if bf16 else "no"
     dtype_note = (
-        f" Native bf16: {'yes' if bf16 else 'no'}, so the service's CPU dtype is "
+        f" Native bf16: {native}, so the service's CPU dtype is "
         f"{'bf16' if bf16 else 'fp32'} (`CPREC_DTYPE=auto`)."
         + (
             " **The benchmarks below ran on different machines** ("
