@@ -1,7 +1,8 @@
 """Dynamic batching: concurrent cache misses share one forward pass.
 
-Requests are tokenised in a small thread pool (off the event loop), queued in a bounded queue,
-and a single worker drains the queue into batches capped by size and by a padded-token budget;
+Requests are tokenised in a small thread pool (off the event loop; the requests of one tick in
+one call per pool thread), queued in a bounded queue, and a single worker drains the queue
+into batches capped by size and by a padded-token budget;
 a batch waits for as many requests as the last one served (up to ``coalesce_ms``, or
 ``coalesce_share`` of the last batch's device time when that is longer) or, with coalescing off,
 for ``max_wait_ms``. The forward pass runs on one dedicated "device" thread, so the
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from cprec.lm import TextKind
+from service.coalesce import TickBatcher
 from service.encoder import Encoder
 from service.errors import Overloaded
 from service.metrics import Metrics
@@ -105,6 +107,11 @@ class Batcher:
         # thread the model was loaded on (see device_thread); the batcher owns it from here.
         self.device_pool = device or device_thread()
         self.pre_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cprec-tokenize")
+        # The histories of one tick (a cohort coming back together) are tokenised by one call
+        # per pool thread, not one thread-pool hop per request (service/coalesce.py).
+        self._queries: TickBatcher[str, list[int]] = TickBatcher(
+            self._tokenize_queries, parts=2, min_part=8
+        )
         self._queue: asyncio.Queue[_Pending] | None = None
         self._carry: _Pending | None = None
         self._worker: asyncio.Task[None] | None = None
@@ -138,6 +145,9 @@ class Batcher:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.pre_pool, self.encoder.pre, texts, kind)
 
+    async def _tokenize_queries(self, texts: list[str]) -> list[list[int]]:
+        return await self.tokenize(texts, "query")
+
     async def embed(self, text: str) -> np.ndarray:
         """One user text -> [D] unit vector, batched with whatever else is waiting."""
         if self._queue is None:
@@ -148,7 +158,7 @@ class Batcher:
                 details={"queue_size": self.queue_size},
                 headers={"Retry-After": "1"},
             )
-        ids = (await self.tokenize([text], "query"))[0]
+        ids = await self._queries(text)
         if not self.enabled:
             self._inflight += 1
             try:

@@ -4,6 +4,12 @@ Keys carry the model version and a hash of the normalised user text, so a model 
 entries unreachable without a flush. Redis failures never fail a request: the call returns a
 miss, a counter goes up, and Redis is skipped for ``retry_s`` before it is tried again (the client
 reconnects by itself on that next try).
+
+The Redis cache auto-pipelines: the gets and sets issued in one event-loop tick go out as one
+pipeline (SET EX per store, then one MGET) in one round trip. A coalesced forward answers its whole
+cohort in one tick, so the cohort's stores and its next requests' lookups each cost one round
+trip instead of one per request (perf, issue 5: 32 gets and 32 sets took 6.4 ms of event-loop
+time one by one, 1.6 ms pipelined, on 2 cores).
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 import numpy as np
+
+from service.coalesce import TickBatcher
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +137,11 @@ class RedisCache(UserVectorCache):
             retry_on_timeout=False,
             health_check_interval=0,
         )
+        # This tick's commands go out together (auto-pipelining): ("get", key, None) or
+        # ("set", key, value); a get is answered with the stored bytes or None.
+        self._commands: TickBatcher[tuple[str, str, bytes | None], bytes | None] = TickBatcher(
+            self._send
+        )
 
     @property
     def available(self) -> bool:
@@ -149,23 +162,43 @@ class RedisCache(UserVectorCache):
     async def get(self, key: str) -> np.ndarray | None:
         if not self.available:
             return None
-        try:
-            raw = await asyncio.wait_for(self.client.get(key), self.timeout_s * 4)
-        except Exception as exc:  # noqa: BLE001 - any Redis fault is a miss
-            self._failed("get", exc)
-            return None
+        raw = await self._commands(("get", key, None))  # None on a miss or any Redis fault
         if raw is None:
             return None
-        return np.frombuffer(raw, dtype=np.float32).copy()  # type: ignore[arg-type]
+        return np.frombuffer(raw, dtype=np.float32).copy()
 
     async def set(self, key: str, vector: np.ndarray) -> None:
         if not self.available:
             return
+        await self._commands(("set", key, vector.astype(np.float32, copy=False).tobytes()))
+
+    async def _send(self, commands: list[tuple[str, str, bytes | None]]) -> list[bytes | None]:
+        """One tick's commands as one pipeline: the stores, then one MGET for the lookups (so a
+        lookup sees a store of the same tick). Any fault answers every lookup with a miss."""
+        sets = [(key, data) for op, key, data in commands if op == "set" and data is not None]
+        gets = [key for op, key, _ in commands if op == "get"]
+        found: dict[str, bytes | None] = {}
+        if not self.available:  # failed since these were queued
+            return [None] * len(commands)
         try:
-            data = vector.astype(np.float32, copy=False).tobytes()
-            await asyncio.wait_for(self.client.set(key, data, ex=self.ttl_s), self.timeout_s * 4)
-        except Exception as exc:  # noqa: BLE001
-            self._failed("set", exc)
+            pipe = self.client.pipeline(transaction=False)
+            for key, data in sets:
+                pipe.set(key, data, ex=self.ttl_s)
+            if gets:
+                pipe.mget(gets)
+            replies = await asyncio.wait_for(pipe.execute(raise_on_error=False), self.timeout_s * 4)
+            errors = [r for r in replies if isinstance(r, Exception)]
+            if errors:
+                self._failed("get" if gets else "set", errors[0])
+            elif gets:
+                found = dict(zip(gets, replies[-1], strict=True))
+        except Exception as exc:  # noqa: BLE001 - any Redis fault is a miss, never an error
+            self._failed("get" if gets else "set", exc)
+        out: list[bytes | None] = []
+        for op, key, _ in commands:
+            raw = found.get(key) if op == "get" else None
+            out.append(raw if isinstance(raw, bytes) else None)
+        return out
 
     async def ping(self) -> bool:
         try:
@@ -174,6 +207,7 @@ class RedisCache(UserVectorCache):
             return False
 
     async def close(self) -> None:
+        await self._commands.drain(self.timeout_s * 4)  # this tick's stores still go out
         try:
             await self.client.aclose()
         except Exception:  # noqa: BLE001

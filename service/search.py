@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from service.cache import BoundedLRU
+from service.coalesce import TickBatcher
 from service.index import ItemIndex
 
 Hits = dict[str, list[tuple[int, float]]]  # domain -> [(row, score)], best first
@@ -27,7 +28,6 @@ class _Search:
     vec: np.ndarray  # [D]
     k: int
     exclude: set[int]
-    future: asyncio.Future[Hits] = field(repr=False)
 
 
 def search_many(searches: Sequence[_Search]) -> list[Hits]:
@@ -53,7 +53,7 @@ def search_many(searches: Sequence[_Search]) -> list[Hits]:
     return out
 
 
-class SearchCoalescer:
+class SearchCoalescer(TickBatcher[_Search, Hits]):
     """``await search(...)`` from many requests; those issued in one tick run as one batch.
 
     A large tick is cut into up to ``parts`` blocks of at least ``min_part`` queries, searched
@@ -64,53 +64,16 @@ class SearchCoalescer:
     """
 
     def __init__(self, parts: int = 1, min_part: int = 8) -> None:
-        self._pending: list[_Search] = []
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.parts = max(1, parts)
-        self.min_part = max(1, min_part)
+        super().__init__(self._search_block, parts, min_part)
 
     async def search(
         self, idx: ItemIndex, targets: Sequence[str], vec: np.ndarray, k: int, exclude: set[int]
     ) -> Hits:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Hits] = loop.create_future()
-        if not self._pending:
-            loop.call_soon(self._flush)  # after every search issued in this tick
-        self._pending.append(_Search(idx, targets, vec, k, exclude, fut))
-        return await fut
-
-    def split(self, n: int) -> list[slice]:
-        """Contiguous blocks for ``n`` coalesced searches: as many as ``parts`` allows while
-        each keeps ``min_part`` queries (BLAS stays efficient), sizes within one of each other."""
-        k = max(1, min(self.parts, n // self.min_part))
-        bounds = [round(i * n / k) for i in range(k + 1)]
-        return [slice(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
-
-    def _flush(self) -> None:
-        batch, self._pending = self._pending, []
-        loop = asyncio.get_running_loop()
-        for part in self.split(len(batch)):  # each block answers (or fails) its own waiters
-            task = loop.create_task(self._run(batch[part]))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        return await self(_Search(idx, targets, vec, k, exclude))
 
     @staticmethod
-    async def _run(batch: list[_Search]) -> None:
-        try:
-            results = await asyncio.to_thread(search_many, batch)
-        except BaseException as exc:  # every waiter gets the error, or is cancelled with us
-            for s in batch:
-                if not s.future.done():
-                    if isinstance(exc, Exception):
-                        s.future.set_exception(exc)
-                    else:
-                        s.future.cancel()
-            if not isinstance(exc, Exception):
-                raise
-        else:
-            for s, r in zip(batch, results, strict=True):
-                if not s.future.done():
-                    s.future.set_result(r)
+    async def _search_block(batch: list[_Search]) -> list[Hits]:
+        return await asyncio.to_thread(search_many, batch)
 
 
 class RankedLists(BoundedLRU[Hashable, Hits]):

@@ -84,3 +84,32 @@ async def test_engine_splits_batches_by_default_on_cpu(app_client, setting, expe
     kw = {} if setting is None else {"batch_max_padding": setting}
     async with app_client(**kw) as (_client, engine, _enc):
         assert engine.batcher.max_padding == expected
+
+
+class _CountingTokenizer(FakeEncoder):
+    def __init__(self) -> None:
+        super().__init__(dim=16)
+        self.pre_calls: list[int] = []
+
+    def pre(self, texts, kind):  # type: ignore[no-untyped-def]
+        self.pre_calls.append(len(texts))
+        return super().pre(texts, kind)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+async def test_a_ticks_histories_are_tokenised_together(enabled: bool) -> None:
+    """32 histories arriving in one tick take one tokenizer call per pool thread (two blocks
+    of 16), not 32 thread-pool hops; each request still gets its own text's vector."""
+    enc = _CountingTokenizer()
+    texts = [f"{TEXTS[i % len(TEXTS)]}; Food: item {i}" for i in range(32)]
+    b = Batcher(enc, max_batch_size=32, max_wait_ms=5.0, enabled=enabled)
+    await b.start()
+    try:
+        got = np.stack(await asyncio.gather(*(b.embed(t) for t in texts)))
+        assert sorted(enc.pre_calls) == [16, 16]
+        np.testing.assert_allclose(got, enc.encode(texts, "query"), atol=1e-6)
+        enc.pre_calls.clear()
+        await b.embed(texts[0])  # a lone request is tokenised at once, alone
+        assert enc.pre_calls == [1]
+    finally:
+        await b.stop()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
+from typing import Any
 
 import numpy as np
 import pytest
@@ -135,3 +137,104 @@ async def test_redis_recovers_after_backoff(redis_url: str, redis_prefix: str) -
         assert errors == ["get"]
     finally:
         await c.close()
+
+
+class _Sends:
+    """Counts the packets redis-py writes: one per round trip (a pipeline is one packet)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from redis.asyncio.connection import Connection
+
+        self.count = 0
+        real = Connection.send_packed_command
+
+        async def counted(conn: Any, command: Any, check_health: bool = True) -> None:
+            self.count += 1
+            await real(conn, command, check_health)
+
+        monkeypatch.setattr(Connection, "send_packed_command", counted)
+
+
+@pytest.mark.integration
+async def test_redis_commands_of_one_turn_share_one_round_trip(
+    redis_url: str, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cohort's 32 stores go out as one pipeline, and its 32 lookups as one MGET."""
+    c = RedisCache(redis_url, ttl_s=60, timeout_s=1.0)
+    keys = [f"{redis_prefix}:pipe:{uuid.uuid4().hex}" for _ in range(32)]
+    try:
+        assert await c.ping()  # connects before counting
+        sends = _Sends(monkeypatch)
+        await asyncio.gather(*(c.set(k, _vec(i, dim=16)) for i, k in enumerate(keys[:16])))
+        assert sends.count == 1
+        got = await asyncio.gather(*(c.get(k) for k in keys))
+        assert sends.count == 2
+        for i, v in enumerate(got[:16]):
+            assert v is not None and np.array_equal(v, _vec(i, dim=16))
+        assert got[16:] == [None] * 16
+        # A store and a lookup of the same key in one turn: the lookup sees the store.
+        _, same = await asyncio.gather(c.set(keys[20], _vec(99, dim=16)), c.get(keys[20]))
+        assert same is not None and np.array_equal(same, _vec(99, dim=16))
+        assert sends.count == 3
+        # Separate turns are separate round trips (nothing waits for company).
+        assert await c.get(keys[0]) is not None and await c.get(keys[1]) is not None
+        assert sends.count == 5
+    finally:
+        await c.close()
+
+
+@pytest.mark.integration
+async def test_redis_cancelled_waiter_leaves_its_turn_answered(
+    redis_url: str, redis_prefix: str
+) -> None:
+    c = RedisCache(redis_url, ttl_s=60, timeout_s=1.0)
+    key = f"{redis_prefix}:cancel:{uuid.uuid4().hex}"
+    try:
+        await c.set(key, _vec(3, dim=16))
+        first = asyncio.ensure_future(c.get(key))
+        others = [asyncio.ensure_future(c.get(key)) for _ in range(3)]
+        await asyncio.sleep(0)  # all four are queued in this turn
+        first.cancel()
+        got = await asyncio.gather(*others)
+        assert all(v is not None and np.array_equal(v, _vec(3, dim=16)) for v in got)
+        assert first.cancelled()
+    finally:
+        await c.close()
+
+
+@pytest.mark.integration
+async def test_redis_unreachable_answers_a_whole_turn_as_misses_once() -> None:
+    """32 lookups against a dead Redis: all misses, one error, one timeout's wait at most."""
+    errors: list[str] = []
+    c = RedisCache(
+        f"redis://127.0.0.1:{free_port()}/0",
+        ttl_s=60,
+        timeout_s=0.05,
+        retry_s=30,
+        on_error=errors.append,
+    )
+    try:
+        t0 = time.monotonic()
+        got = await asyncio.gather(*(c.get(f"k{i}") for i in range(32)))
+        assert got == [None] * 32
+        assert errors == ["get"]
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        await c.close()
+
+
+@pytest.mark.integration
+async def test_redis_close_sends_the_stores_still_queued(redis_url: str, redis_prefix: str) -> None:
+    import redis.asyncio as aioredis
+
+    c = RedisCache(redis_url, ttl_s=60, timeout_s=1.0)
+    key = f"{redis_prefix}:close:{uuid.uuid4().hex}"
+    store = asyncio.ensure_future(c.set(key, _vec(4, dim=16)))
+    await asyncio.sleep(0)  # queued in this tick, not yet sent
+    await c.close()
+    await store
+    raw = aioredis.Redis.from_url(redis_url)
+    try:
+        assert await raw.get(key) == _vec(4, dim=16).tobytes()
+    finally:
+        await raw.aclose()
