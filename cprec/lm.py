@@ -206,6 +206,34 @@ def load_backbone(model_dir: Path, dtype: torch.dtype = torch.float32):  # type:
     return model
 
 
+# Models whose position ids start after the padding index (RoBERTa's scheme): a text of T tokens
+# needs T + pad_token_id + 1 position embeddings.
+_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "mpnet", "longformer", "data2vec-text"}
+
+
+def fit_max_length(max_length: int, config: object) -> int:
+    """``max_length`` cut to the tokens ``config``'s position embeddings can hold.
+
+    A local model with fewer positions than the configured ``max_length`` (a 128-position BERT
+    under the default 256) would otherwise fail on every long history instead of keeping its
+    most recent tokens, as a shorter ``max_length`` does.
+    """
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not isinstance(limit, int) or limit <= 0:
+        return max_length
+    if getattr(config, "model_type", "") in _OFFSET_POSITIONS:
+        limit -= int(getattr(config, "pad_token_id", None) or 0) + 1
+    if max_length > limit:
+        log.warning(
+            "max_length %d exceeds the model's %d positions: texts are cut to %d tokens",
+            max_length,
+            limit,
+            limit,
+        )
+        return limit
+    return max_length
+
+
 class TextTokenizer:
     """Tokenises to id lists with the truncation each text kind needs.
 
@@ -275,7 +303,8 @@ class TextTokenizer:
         oneDNN's per-shape primitive cache (and RSS) small on CPU and suit GPU tensor cores.
         """
         longest = max(len(x) for x in batch)
-        width = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
+        # never wider than max_length: it may be the model's last position (fit_max_length)
+        width = max(longest, min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, self.max_length))
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for i, x in enumerate(batch):

@@ -20,6 +20,7 @@ from cprec.lm import (
     Pooling,
     TextKind,
     TextTokenizer,
+    fit_max_length,
     load_backbone,
     load_tokenizer,
     pool,
@@ -88,8 +89,9 @@ class HFEncoder(Encoder):
         self.is_decoder = is_decoder
         self.name = name or str(model_dir)
         tok = load_tokenizer(model_dir)
-        self.tokenizer = TextTokenizer(tok, max_length=max_length, is_decoder=is_decoder)
         self.model = load_backbone(model_dir, dtype=self.dtype).to(self.device)
+        max_length = fit_max_length(max_length, self.model.config)
+        self.tokenizer = TextTokenizer(tok, max_length=max_length, is_decoder=is_decoder)
         if quantize == "int8":
             # Dynamic int8 with per-channel weight scales on every Linear. Activations are
             # quantised with one scale per batch at run time, so a text's vector depends on the

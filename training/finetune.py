@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from cprec.lm import Pooling, TextTokenizer, embed, is_decoder_config
+from cprec.lm import Pooling, TextTokenizer, embed, fit_max_length, is_decoder_config
 from cprec.text import Behaviour, Template
 from training.config import TrainConfig
 from training.cpt import (
@@ -249,7 +249,9 @@ def load_dual_encoder(
     dtype = resolve_dtype(cfg.model.dtype, device)  # auto: bf16 on CUDA, as the service does
     model = AutoModel.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     is_dec = is_decoder_config(model.config)
-    tt = TextTokenizer(load_tokenizer(model_dir), cfg.model.max_length, is_dec)
+    tt = TextTokenizer(
+        load_tokenizer(model_dir), fit_max_length(cfg.model.max_length, model.config), is_dec
+    )
     residual = seen = None
     if residual_path is not None and residual_path.is_file():
         from safetensors.torch import load_file
@@ -306,12 +308,13 @@ def run_finetune(cfg: TrainConfig, base_dir: Path, data: LoadedData, out_dir: Pa
         params.append({"params": list(residual.parameters()), "lr": f.residual_lr})
     opt = torch.optim.AdamW(params, weight_decay=f.weight_decay)
     sched = make_scheduler(opt, f.schedule.kind, f.steps, **f.schedule.kwargs())
+    max_length = fit_max_length(cfg.model.max_length, model.config)  # before any wrapper
     if residual is not None:
         model, residual, opt = acc.prepare(model, residual, opt)
         seen = seen.to(device)  # type: ignore[union-attr]
     else:
         model, opt = acc.prepare(model, opt)
-    tt = TextTokenizer(tok, cfg.model.max_length, is_dec)
+    tt = TextTokenizer(tok, max_length, is_dec)
     enc = DualEncoder(
         model, tt, pooling, data, cfg.template, f.history_items, device, residual, seen
     )

@@ -12,6 +12,7 @@ from cprec.lm import (
     TextTokenizer,
     bundled_dir,
     detect_pooling,
+    fit_max_length,
     load_tokenizer,
     pool,
     resolve_device,
@@ -177,3 +178,26 @@ def test_fast_path_matches_the_wrapper_and_is_thread_safe(which, bert_tok, llama
     # the wrapper's own truncation settings never reach the private copy
     tok(texts[0], truncation=True, max_length=4)
     assert tt(texts[:1], "item") == slow(texts[:1], "item")
+
+
+def test_fit_max_length_follows_the_position_embeddings() -> None:
+    from transformers import BertConfig, GPT2Config, LlamaConfig, RobertaConfig
+
+    assert fit_max_length(256, BertConfig(max_position_embeddings=128)) == 128
+    assert fit_max_length(64, BertConfig(max_position_embeddings=128)) == 64
+    # RoBERTa's position ids start after its padding index (1): 514 embeddings hold 512 tokens
+    assert fit_max_length(1024, RobertaConfig(max_position_embeddings=514, pad_token_id=1)) == 512
+    assert fit_max_length(4096, LlamaConfig(max_position_embeddings=2048)) == 2048
+    assert fit_max_length(4096, GPT2Config(n_positions=1024)) == 1024
+    assert fit_max_length(300, object()) == 300  # nothing known: unchanged
+
+
+def test_collate_never_pads_past_max_length(bert_tok) -> None:  # type: ignore[no-untyped-def]
+    """Rounding the width up to PAD_MULTIPLE must stop at max_length (the model's last
+    position when fit_max_length cut it)."""
+    tt = TextTokenizer(bert_tok, max_length=13, is_decoder=False)
+    ids = tt(["coffee " * 40, "tea"], "query")
+    assert max(len(x) for x in ids) == 13
+    batch, mask = tt.collate(ids)
+    assert batch.shape == (2, 13) and mask.shape == (2, 13)
+    assert tt.collate(tt(["tea"], "query"))[0].shape[1] == 8  # short texts still round up

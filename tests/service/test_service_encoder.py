@@ -113,3 +113,15 @@ def test_fake_encoder_is_deterministic_and_word_based() -> None:
     assert a[0] @ a[2] < 0.9
     b = FakeEncoder(dim=16).encode(["Dark roast coffee"], "query")
     np.testing.assert_allclose(a[0], b[0], atol=1e-6)
+
+
+def test_max_length_is_cut_to_the_models_positions(tiny_bert_dir: Path) -> None:
+    """A 128-position BERT under the default max_length 256: a 400-word history keeps its most
+    recent 128 tokens (as max_length=128 would), instead of failing in the position lookup."""
+    long = "; ".join(f"Groceries: coffee number {i}" for i in range(100))
+    cut = HFEncoder(tiny_bert_dir, "mean", False, max_length=256, device="cpu", dtype="float32")
+    exact = HFEncoder(tiny_bert_dir, "mean", False, max_length=128, device="cpu", dtype="float32")
+    assert cut.tokenizer.max_length == 128
+    np.testing.assert_allclose(
+        cut.encode([long, "coffee"], "query"), exact.encode([long, "coffee"], "query"), atol=1e-6
+    )
