@@ -450,6 +450,37 @@ def render(mode: str) -> str:
                     "seq_s_in_forward",
                 ],
             )
+        if srv.get("ceiling"):
+            lines += [
+                "",
+                "Service ceiling: the same service with a near-free encoder (a 2-layer random "
+                "BERT, hidden 32, MiniLM's tokenizer; forwards of about a millisecond), same "
+                "catalogue and Redis, batching on, its own cache-miss histories. Its requests/s "
+                "are bounded by what every request costs outside the forward (HTTP, validation, "
+                "tokenisation, Redis, search, the response) with the load generator on the same "
+                "cores. ms_per_request = 1000 / rps; outside_forward_ms = ms_per_request x (1 - "
+                "device_busy), the wall time per request with the device idle. A batch waits "
+                "for its cohort's work between forwards, so beside a raw encoder of r seq/s the "
+                "overhead ratio can reach about 1 / (1 + outside_forward_ms / 1000 x r): close "
+                "to 1 for slow forwards, bounded by this cost for fast ones (a GPU, AMX):",
+                "",
+            ]
+            lines += _table(
+                srv["ceiling"],
+                [
+                    "model",
+                    "concurrency",
+                    "requests",
+                    "failed",
+                    "rps",
+                    "ms_per_request",
+                    "outside_forward_ms",
+                    "p50_ms",
+                    "p99_ms",
+                    "device_busy",
+                    "mean_batch",
+                ],
+            )
     rx = _load(d, "reindex")
     if rx:
         lines += ["", f"### Reindex (`{rx['command']}`)", ""]

@@ -240,6 +240,29 @@ def make_encoder(
     return enc
 
 
+def build_tiny_bert(out: Path, tokenizer_dir: Path, positions: int = 512) -> Path:
+    """A 2-layer random BERT (hidden 32, seed 0) with the tokenizer found in ``tokenizer_dir``
+    (the bundled MiniLM's: a real 30,522-word vocabulary on a model built in milliseconds).
+    The tests' fast model, and the benchmarks' near-free encoder (``bench/serve.py`` ceiling)."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=positions,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    BertModel(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 def timed_core(
     enc: Any, batches: Sequence[Sequence[Sequence[int]]], min_s: float
 ) -> tuple[float, int, int]:

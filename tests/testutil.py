@@ -83,25 +83,11 @@ def build_tiny_llama(out: Path, words: list[str]) -> Path:
 
 
 def build_tiny_bert(out: Path, tokenizer_dir: Path) -> Path:
-    """2-layer random BERT (hidden 32, seed 0) with the tokenizer found in ``tokenizer_dir``
-    (the bundled MiniLM's: a real 30,522-word vocabulary on a model built in milliseconds)."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    """2-layer random BERT (hidden 32, seed 0, 128 positions: shorter than the service's default
+    max_length, so the tests also cover fit_max_length) with MiniLM's tokenizer."""
+    from bench.common import build_tiny_bert as build
 
-    torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    cfg = BertConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    BertModel(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return build(out, tokenizer_dir, positions=128)
 
 
 async def wait_job(
