@@ -187,9 +187,11 @@ class RedisCache(UserVectorCache):
             if gets:
                 pipe.mget(gets)
             replies = await asyncio.wait_for(pipe.execute(raise_on_error=False), self.timeout_s * 4)
-            errors = [r for r in replies if isinstance(r, Exception)]
-            if errors:
-                self._failed("get" if gets else "set", errors[0])
+            failed_sets = [r for r in replies[: len(sets)] if isinstance(r, Exception)]
+            if failed_sets:
+                self._failed("set", failed_sets[0])
+            if gets and isinstance(replies[-1], Exception):
+                self._failed("get", replies[-1])
             elif gets:
                 found = dict(zip(gets, replies[-1], strict=True))
         except Exception as exc:  # noqa: BLE001 - any Redis fault is a miss, never an error

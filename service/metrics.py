@@ -35,7 +35,7 @@ class Metrics:
         )
         self.cache = Counter(
             "cprec_cache_total", "User-vector cache lookups", ["result"], registry=r
-        )  # hit | miss | error
+        )  # hit | miss | error (a failed Redis round trip: one per tick's pipeline)
         self.results = Counter(
             "cprec_result_cache_total", "Ranked-list cache lookups", ["result"], registry=r
         )  # hit | miss
