@@ -79,6 +79,8 @@ class TickBatcher(Generic[T, R]):
     async def _answer(self, block: list[tuple[T, asyncio.Future[R]]]) -> None:
         try:
             results = await self._run_block([item for item, _ in block])
+            if len(results) != len(block):  # a bug in run: fail loudly, leave nobody waiting
+                raise RuntimeError(f"batched call answered {len(results)} of {len(block)} items")
         except BaseException as exc:
             for _, fut in block:
                 if not fut.done():
@@ -89,6 +91,6 @@ class TickBatcher(Generic[T, R]):
             if not isinstance(exc, Exception):
                 raise
         else:
-            for (_, fut), r in zip(block, results, strict=True):
+            for (_, fut), r in zip(block, results, strict=True):  # lengths checked above
                 if not fut.done():
                     fut.set_result(r)
