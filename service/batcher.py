@@ -30,6 +30,7 @@ from service.metrics import Metrics
 log = logging.getLogger(__name__)
 
 _Pending = tuple[list[int], asyncio.Future[np.ndarray]]
+TOKENIZE_THREADS = 2  # the Rust tokenizer releases the GIL: two calls run in parallel
 
 
 def device_thread() -> ThreadPoolExecutor:
@@ -106,11 +107,13 @@ class Batcher:
         # is what a single GPU or a CPU already saturated by intra-op threads wants. Pass the
         # thread the model was loaded on (see device_thread); the batcher owns it from here.
         self.device_pool = device or device_thread()
-        self.pre_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cprec-tokenize")
+        self.pre_pool = ThreadPoolExecutor(
+            max_workers=TOKENIZE_THREADS, thread_name_prefix="cprec-tokenize"
+        )
         # The histories of one tick (a cohort coming back together) are tokenised by one call
         # per pool thread, not one thread-pool hop per request (service/coalesce.py).
         self._queries: TickBatcher[str, list[int]] = TickBatcher(
-            self._tokenize_queries, parts=2, min_part=8
+            self._tokenize_queries, parts=TOKENIZE_THREADS, min_part=8
         )
         self._queue: asyncio.Queue[_Pending] | None = None
         self._carry: _Pending | None = None
