@@ -348,6 +348,9 @@ def render(mode: str) -> str:
             "",
             f"Real uvicorn processes, real Redis, {srv['catalog_items']} FK catalogue "
             "items; FK-LOO test histories as title entries; closed-loop load on 127.0.0.1. "
+            "The services log at WARNING, so without uvicorn's access line per request "
+            "(`CPREC_ACCESS_LOG`; at the default INFO it cost ~6% of the service ceiling's "
+            "requests/s in a one-off A/B). "
             "miss = each history sent once; hit = requests already answered (the ranked "
             "list is cached); hit-vector = answered histories with a new k (the user vector "
             "comes from Redis, the search runs). p99_spread = p99 / p50 over the rounds "

@@ -43,14 +43,18 @@ def main() -> None:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     app = create_app(settings)
-    config = uvicorn.Config(
-        app,
+    DrainingServer(uvicorn_config(app, settings), app.state.engine).run()
+
+
+def uvicorn_config(app: object, settings: Settings) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,  # type: ignore[arg-type]
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
+        access_log=settings.access_log,
         timeout_graceful_shutdown=30,
     )
-    DrainingServer(config, app.state.engine).run()
 
 
 if __name__ == "__main__":

@@ -149,3 +149,14 @@ def test_batch_coalesce_share_rejects_nonsense(monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.setenv("CPREC_BATCH_COALESCE_SHARE", bad)
     with pytest.raises(ValidationError, match="batch_coalesce_share"):
         Settings()
+
+
+def test_access_log_setting_reaches_uvicorn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvicorn's per-request access line is on by default and off with CPREC_ACCESS_LOG=false
+    (it costs the event loop ~6% of its per-request work: bench/serve.py ceiling)."""
+    from service.__main__ import uvicorn_config
+
+    assert uvicorn_config(object(), Settings()).access_log is True
+    monkeypatch.setenv("CPREC_ACCESS_LOG", "false")
+    cfg = uvicorn_config(object(), Settings())
+    assert cfg.access_log is False and cfg.log_level == "info"
