@@ -45,7 +45,7 @@ from bench.common import (
     write_catalog,
 )
 from service.batcher import padding_groups
-from service.settings import CPU_MAX_PADDING
+from service.settings import CPU_MAX_FORWARD_TOKENS, CPU_MAX_PADDING
 
 
 def catalog_for(fk: FKData, n_items: int | None) -> list[dict]:
@@ -159,7 +159,8 @@ def raw_limit(
     in arrival order, cycled), so every batch size sees the same token mix: with fewer sequences
     at batch 1 a few short histories would inflate the limit. ``padded`` is one forward per
     batch; ``split`` cuts each batch into length-sorted forwards with the service's CPU rule
-    (``padding_groups``, <= 25% padding), so the service's best path has a raw twin.
+    (``padding_groups``, <= 25% padding, <= 2048 padded tokens a forward), so the service's
+    best path has a raw twin.
 
     Several distinct cohorts per batch size (``RAW_HISTORIES``: 4 batches of 32), as the
     service never sees one cohort twice: one cohort repeated ran more tokens/s than varied
@@ -175,7 +176,9 @@ def raw_limit(
             split = [
                 [b[i] for i in g]
                 for b in batches
-                for g in padding_groups([len(x) for x in b], CPU_MAX_PADDING)
+                for g in padding_groups(
+                    [len(x) for x in b], CPU_MAX_PADDING, CPU_MAX_FORWARD_TOKENS
+                )
             ]
             el, n, _ = timed_core(enc, split, min_s)
             out[(bs, "split")] = n / el

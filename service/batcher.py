@@ -45,13 +45,19 @@ def device_thread() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="cprec-device")
 
 
-def padding_groups(lengths: Sequence[int], max_padding: float | None) -> list[list[int]]:
+def padding_groups(
+    lengths: Sequence[int], max_padding: float | None, max_tokens: int | None = None
+) -> list[list[int]]:
     """Row groups for the forwards of one batch, in input order when not split.
 
     With ``max_padding`` set (``batch_max_padding``; 0.25 by default on CPU), rows are
     length-sorted and cut wherever the next (longer) row would push padded tokens past
     ``max_padding`` x real tokens: worth it where a forward's cost per token is flat in batch
-    size, as on CPU (perf, issue 5). ``bench/serve.py`` times the raw encoder with the same rule.
+    size, as on CPU (perf, issue 5). ``max_tokens`` (``batch_max_forward_tokens``; 2048 on CPU)
+    also cuts a group before its rows x width pass it: on 2 cores a forward of 23 histories at
+    256 tokens cost 48 ms a row against 40 for 4-10 rows (its attention scores outgrow the
+    caches), and how many long histories a cohort holds then set how long its batch took.
+    ``bench/serve.py`` times the raw encoder with the same rule.
     """
     if max_padding is None or len(lengths) < 2:
         return [list(range(len(lengths)))]
@@ -61,7 +67,10 @@ def padding_groups(lengths: Sequence[int], max_padding: float | None) -> list[li
     for i in order:
         n = lengths[i]  # the longest so far: the group's width if i joins it
         cur = groups[-1]
-        if cur and n * (len(cur) + 1) > (1 + max_padding) * (real + n):
+        wide = n * (len(cur) + 1)  # padded tokens of the group with i
+        if cur and (
+            wide > (1 + max_padding) * (real + n) or (max_tokens is not None and wide > max_tokens)
+        ):
             groups.append([])
             cur, real = groups[-1], 0
         cur.append(i)
@@ -80,6 +89,7 @@ class Batcher:
         queue_size: int = 256,
         enabled: bool = True,
         max_padding: float | None = None,
+        max_forward_tokens: int | None = None,
         device: ThreadPoolExecutor | None = None,
         coalesce_ms: float = 0.0,
         coalesce_share: float = 0.0,
@@ -103,6 +113,7 @@ class Batcher:
         self.queue_size = queue_size
         self.enabled = enabled
         self.max_padding = max_padding  # None = one forward per coalesced batch
+        self.max_forward_tokens = max_forward_tokens  # only where batches are split
         # One device thread: forward passes (requests and reindex batches) never overlap, which
         # is what a single GPU or a CPU already saturated by intra-op threads wants. Pass the
         # thread the model was loaded on (see device_thread); the batcher owns it from here.
@@ -260,7 +271,8 @@ class Batcher:
         out: dict[int, np.ndarray] = {}
         while len(out) < len(live):
             todo = [i for i in range(len(live)) if i not in out]
-            first = padding_groups([len(live[i][0]) for i in todo], self.max_padding)[0]
+            lengths = [len(live[i][0]) for i in todo]
+            first = padding_groups(lengths, self.max_padding, self.max_forward_tokens)[0]
             rows = [todo[j] for j in first]
             vecs = await self.run_on_device(self._forward, [live[i][0] for i in rows])
             out.update(zip(rows, vecs, strict=True))

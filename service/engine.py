@@ -205,6 +205,7 @@ class Engine:
             queue_size=s.queue_size,
             enabled=s.batching,
             max_padding=s.resolved_max_padding(_device_type(self.encoder)),
+            max_forward_tokens=s.resolved_max_forward_tokens(_device_type(self.encoder)),
             device=device,
         )
         await self.batcher.start()

@@ -70,6 +70,22 @@ def test_split_bounds_padding_and_covers_every_row_once() -> None:
     assert padding_groups([len(x) for x in batch], None) == [list(range(len(batch)))]
 
 
+def test_split_caps_padded_tokens_per_forward() -> None:
+    """With max_tokens, no forward passes rows x width (a single longer row still runs), every
+    row runs once, and the 25% padding rule still holds inside each group."""
+    lengths = [256] * 20 + [100] * 10 + [3000]
+    groups = padding_groups(lengths, 0.25, max_tokens=2048)
+    assert [len(g) for g in groups] == [10, 8, 8, 4, 1]  # 8 x 256 = 2048; 3000 alone
+    assert len(padding_groups(lengths, 0.25)) == 3  # without the cap: 100s, 256s, 3000
+    rng = np.random.default_rng(3)
+    lengths = [int(x) for x in rng.integers(20, 257, size=64)]
+    groups = padding_groups(lengths, 0.25, max_tokens=2048)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        lens = [lengths[i] for i in g]
+        assert max(lens) * len(lens) <= min(2048, 1.25 * sum(lens))
+
+
 async def test_split_forwards_keep_request_order() -> None:
     enc = FakeEncoder(dim=16)
     vecs = await _embed_all(enc, enabled=True, max_padding=0.0)
@@ -84,6 +100,22 @@ async def test_engine_splits_batches_by_default_on_cpu(app_client, setting, expe
     kw = {} if setting is None else {"batch_max_padding": setting}
     async with app_client(**kw) as (_client, engine, _enc):
         assert engine.batcher.max_padding == expected
+
+
+@pytest.mark.parametrize(("setting", "expected"), [(None, 2048), ("none", None), ("512", 512)])
+async def test_engine_caps_forward_tokens_by_default_on_cpu(app_client, setting, expected) -> None:  # type: ignore[no-untyped-def]
+    kw = {} if setting is None else {"batch_max_forward_tokens": setting}
+    async with app_client(**kw) as (_client, engine, _enc):
+        assert engine.batcher.max_forward_tokens == expected
+
+
+def test_forward_tokens_setting_resolves_per_device() -> None:
+    from service.settings import Settings
+
+    assert Settings().resolved_max_forward_tokens("cpu") == 2048
+    assert Settings().resolved_max_forward_tokens("cuda") is None  # one padded forward on a GPU
+    with pytest.raises(ValueError, match="batch_max_forward_tokens"):
+        Settings(batch_max_forward_tokens=0)
 
 
 class _CountingTokenizer(FakeEncoder):
