@@ -18,6 +18,16 @@ CPU_MAX_FORWARD_TOKENS = 2048  # batch_max_forward_tokens=auto on CPU (see paddi
 CPU_COALESCE_MS = 50.0  # batch_coalesce_ms=auto on CPU (bench/serve.py, issue 5)
 
 
+def _split_rule(v: float | str, cpu_default: float, device_type: str) -> float | None:
+    """A batch-splitting setting: auto = ``cpu_default`` on CPU and off on a GPU (one padded
+    forward per batch wins there); none = off; else the value given."""
+    if v == "none":
+        return None
+    if v == "auto":
+        return cpu_default if device_type == "cpu" else None
+    return float(v)
+
+
 class Settings(BaseSettings):
     """Resolved once at start and logged with secrets redacted."""
 
@@ -111,20 +121,13 @@ class Settings(BaseSettings):
         "ahead of one padded forward at concurrency 32), none on a GPU (bigger batches win).",
     )
 
-    batch_max_forward_tokens: int | Literal["auto", "none"] = Field(
+    batch_max_forward_tokens: Annotated[int, Field(ge=1)] | Literal["auto", "none"] = Field(
         default="auto",
         description="Where batches are split (batch_max_padding set), also cut a forward "
         "before rows x width passes this. auto = 2048 on CPU (cohorts of 32 FK histories: "
         "about 4% more sequences/s and half the spread of batch times on 2 cores, as a "
         "forward of many long rows outgrows the caches), none on a GPU.",
     )
-
-    @field_validator("batch_max_forward_tokens")
-    @classmethod
-    def _forward_tokens_positive(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and v < 1:
-            raise ValueError("must be >= 1, auto or none")
-        return v
 
     @field_validator("batch_max_padding")
     @classmethod
@@ -154,21 +157,13 @@ class Settings(BaseSettings):
 
     def resolved_max_padding(self, device_type: str) -> float | None:
         """``batch_max_padding`` for the device the encoder runs on."""
-        v = self.batch_max_padding
-        if v == "none":
-            return None
-        if v == "auto":
-            return CPU_MAX_PADDING if device_type == "cpu" else None
-        return float(v)
+        v = _split_rule(self.batch_max_padding, CPU_MAX_PADDING, device_type)
+        return None if v is None else float(v)
 
     def resolved_max_forward_tokens(self, device_type: str) -> int | None:
         """``batch_max_forward_tokens`` for the device the encoder runs on."""
-        v = self.batch_max_forward_tokens
-        if v == "none":
-            return None
-        if v == "auto":
-            return CPU_MAX_FORWARD_TOKENS if device_type == "cpu" else None
-        return int(v)
+        v = _split_rule(self.batch_max_forward_tokens, CPU_MAX_FORWARD_TOKENS, device_type)
+        return None if v is None else int(v)
 
     quantize: Literal["none", "int8"] = Field(
         default="none",
