@@ -193,7 +193,6 @@ async def bench_model(
     redis_url: str,
     plan: dict[str, Any],
 ) -> dict[str, Any]:
-    store = Path(tempfile.mkdtemp(prefix="cprec-bench-store-"))
     common = {"CPREC_BASE_MODEL": model, "CPREC_MAX_BATCH_SIZE": "32"}
     # The first service builds and saves the index; the others load the same snapshot.
     # "on" is the service default (CPREC_BATCH_MAX_PADDING=auto: on CPU each coalesced batch is
@@ -205,6 +204,8 @@ async def bench_model(
         "on-single": {"CPREC_BATCHING": "true", "CPREC_BATCH_MAX_PADDING": "none"},
     }
     with contextlib.ExitStack() as stack:
+        # the services' shared store (saved index), removed with them
+        store = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cprec-bench-store-")))
         svcs = {
             name: stack.enter_context(
                 # the first start embeds the catalogue: SmolLM2 on the full 36k catalogue runs
@@ -364,8 +365,6 @@ async def service_ceiling(
     cfg = plan["ceiling"]
     need = 8 + cfg["rounds"] * sum(cfg["requests"].values())
     bodies = [body(fk, c) for c in subset(fk.cases, need, seed=5)]
-    tmp = Path(tempfile.mkdtemp(prefix="cprec-bench-tiny-"))
-    model = build_tiny_bert(tmp / "tiny-bert", bundled_dir("minilm-l6", tmp / "bundled"))
     used = 0
 
     def fresh(n: int) -> list[dict[str, Any]]:
@@ -376,8 +375,11 @@ async def service_ceiling(
     res: dict[int, list[LoadResult]] = {c: [] for c in cfg["requests"]}
     dev = dict.fromkeys(("wall_s", *COUNTERS.values()), 0.0)
     top = max(cfg["requests"])
-    settings = {"CPREC_BASE_MODEL": str(model), "CPREC_MAX_BATCH_SIZE": "32"}
-    with run_service(catalog, redis_url, settings) as svc:
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cprec-bench-tiny-")))
+        model = build_tiny_bert(tmp / "tiny-bert", bundled_dir("minilm-l6", tmp))
+        settings = {"CPREC_BASE_MODEL": str(model), "CPREC_MAX_BATCH_SIZE": "32"}
+        svc = stack.enter_context(run_service(catalog, redis_url, settings))
         await drive(svc.url, fresh(8), 8, 8, 60)  # warm-up, not counted
         for _ in range(cfg["rounds"]):
             for conc, n in cfg["requests"].items():

@@ -124,9 +124,9 @@ class Settings(BaseSettings):
     batch_max_forward_tokens: Annotated[int, Field(ge=1)] | Literal["auto", "none"] = Field(
         default="auto",
         description="Where batches are split (batch_max_padding set), also cut a forward "
-        "before rows x width passes this. auto = 2048 on CPU (cohorts of 32 FK histories: "
-        "about 4% more sequences/s and half the spread of batch times on 2 cores, as a "
-        "forward of many long rows outgrows the caches), none on a GPU.",
+        "before rows x width passes this. auto = 2048 on CPU (a forward of many long rows "
+        "outgrows the caches, so its cost per row grows and a batch's time follows how many "
+        "long histories its cohort holds; see padding_groups), none on a GPU.",
     )
 
     @field_validator("batch_max_padding")
@@ -229,9 +229,8 @@ class Settings(BaseSettings):
     log_level: str = Field(default="INFO")
     access_log: bool = Field(
         default=True,
-        description="uvicorn's line per request (at INFO). Off, the event loop saves ~6% of its "
-        "per-request work (bench/serve.py ceiling); /metrics counts requests by route and "
-        "status either way.",
+        description="uvicorn's line per request (at INFO). Off, the event loop skips that work "
+        "on every request; /metrics counts requests by route and status either way.",
     )
 
     @field_validator("admin_token")

@@ -122,7 +122,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Any:
     port = free_port()
     workdir = tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen(
-        redis_server_argv(binary, port, workdir),
+        redis_server_argv(port, workdir, binary),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

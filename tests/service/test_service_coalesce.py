@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
-from service.coalesce import TickBatcher, split_blocks
+from service.coalesce import TickBatcher
 
 
 async def test_one_ticks_items_reach_one_call_in_order() -> None:
@@ -65,10 +63,3 @@ async def test_drain_sends_the_queued_tick_and_waits() -> None:
     await asyncio.sleep(0)  # queued, flush not yet run
     await tb.drain(timeout_s=5)
     assert seen == [["a"]] and waiter.done()
-
-
-@pytest.mark.parametrize(
-    ("n", "parts", "sizes"), [(1, 2, [1]), (15, 2, [15]), (16, 2, [8, 8]), (33, 2, [16, 17])]
-)
-def test_split_blocks(n: int, parts: int, sizes: list[int]) -> None:
-    assert [s.stop - s.start for s in split_blocks(n, parts, 8)] == sizes

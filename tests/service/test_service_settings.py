@@ -152,8 +152,7 @@ def test_batch_coalesce_share_rejects_nonsense(monkeypatch: pytest.MonkeyPatch, 
 
 
 def test_access_log_setting_reaches_uvicorn(monkeypatch: pytest.MonkeyPatch) -> None:
-    """uvicorn's per-request access line is on by default and off with CPREC_ACCESS_LOG=false
-    (it costs the event loop ~6% of its per-request work: bench/serve.py ceiling)."""
+    """uvicorn's per-request access line is on by default and off with CPREC_ACCESS_LOG=false."""
     from service.__main__ import uvicorn_config
 
     assert uvicorn_config(object(), Settings()).access_log is True
