@@ -275,10 +275,9 @@ class Batcher:
             first = padding_groups(lengths, self.max_padding, self.max_forward_tokens)[0]
             rows = [todo[j] for j in first]
             vecs = await self.run_on_device(self._forward, [live[i][0] for i in rows])
-            # Rows are answered when the whole batch is done, not per forward: answered early,
-            # their searches and responses ran beside the remaining forwards and stalled the
-            # encoder's 2-thread OpenMP team; the device was busier (94% vs 89%) but served
-            # fewer requests/s and a worse p99 (one-off A/B, FK catalogue, c32; issue 5).
+            # Rows are answered when the whole batch is done, not per forward (continuous
+            # batching): on 2 cores the early rows' searches and responses stall the encoder's
+            # OpenMP team, and it lost in two A/Bs (docs/benchmarks.md; issue 5 notes).
             out.update(zip(rows, vecs, strict=True))
             self._join_late(live)
         return np.stack([out[i] for i in range(len(live))])

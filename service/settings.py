@@ -157,8 +157,7 @@ class Settings(BaseSettings):
 
     def resolved_max_padding(self, device_type: str) -> float | None:
         """``batch_max_padding`` for the device the encoder runs on."""
-        v = _split_rule(self.batch_max_padding, CPU_MAX_PADDING, device_type)
-        return None if v is None else float(v)
+        return _split_rule(self.batch_max_padding, CPU_MAX_PADDING, device_type)
 
     def resolved_max_forward_tokens(self, device_type: str) -> int | None:
         """``batch_max_forward_tokens`` for the device the encoder runs on."""
