@@ -60,6 +60,14 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from bench.hier_systems import (  # noqa: E402
+    DERIVED,
+    HIER_CONFIG,
+    HIER_SYSTEMS,
+    LABELS,
+    OTHER_SYSTEMS,
+    SCI_SYSTEMS,
+)
 from training.evaluate import (  # noqa: E402
     METRICS,
     compute_metrics,
@@ -80,11 +88,22 @@ STORE = REPO / "var" / "store"  # where the service keeps converted bundled base
 START, END = "<!-- quality:start -->", "<!-- quality:end -->"
 
 BASELINES = ["pop", "zeroshot-minilm", "zeroshot-smollm2", "sasrec"]
-PIPELINE_SYSTEMS = ["finetune-only", "cprec", "cprec-cosine", "cprec-domain-only", "cprec-idres"]
-ALL_SYSTEMS = BASELINES + PIPELINE_SYSTEMS
+# The flat LLM-Rec dual encoder's rows: row name -> training.pipeline.SYSTEMS key.
+FLAT_SYSTEMS = {
+    "flat-finetune-only": "finetune-only",
+    "flat": "cprec",
+    "flat-cosine": "cprec-cosine",
+    "flat-domain-only": "cprec-domain-only",
+    "flat-idres": "cprec-idres",
+}
+PIPELINE_SYSTEMS = list(FLAT_SYSTEMS)
+HIER = list(HIER_SYSTEMS)
+ALL_SYSTEMS = BASELINES + PIPELINE_SYSTEMS + HIER + OTHER_SYSTEMS
+# Rows a system's run produces besides its own (cprec -> cprec-text-only).
+ROW_ORDER = [r for s in ALL_SYSTEMS for r in (s, *[d for d, f in DERIVED.items() if f == s])]
 DEFAULT_SYSTEMS = {
-    "budget": ["finetune-only", "cprec", "pop", "zeroshot-minilm", "sasrec"],
-    "full": ALL_SYSTEMS,
+    "budget": ["flat-finetune-only", "flat", "pop", "zeroshot-minilm", "sasrec"],
+    "full": ["pop", "zeroshot-default", "zeroshot-minilm", "sasrec", *HIER, *SCI_SYSTEMS],
 }
 SKIP_REASON = {
     ("budget", "zeroshot-smollm2"): "not in the budget: SmolLM2-135M embeds 1,062 tokens/s "
@@ -102,11 +121,12 @@ ROW_LABELS = {
     "zeroshot-smollm2": "SmolLM2-135M zero-shot, user = template text of last 10 items",
     "zeroshot-smollm2-mean10dom": "SmolLM2-135M zero-shot, mean of last 10 target-domain items",
     "sasrec": "SASRec (mixed sequences)",
-    "finetune-only": "Dual-encoder fine-tune only (no CPT)",
-    "cprec": "CPRec: CPT (WSA) + fine-tune",
-    "cprec-cosine": "CPRec with a cosine CPT schedule",
-    "cprec-domain-only": "CPRec, CPT on domain-specific sequences only",
-    "cprec-idres": "CPRec plus the item-ID residual (training/finetune.py)",
+    "flat-finetune-only": "flat dual encoder: fine-tune only (no CPT)",
+    "flat": "flat dual encoder: CPT (WSA) + fine-tune",
+    "flat-cosine": "flat dual encoder with a cosine CPT schedule",
+    "flat-domain-only": "flat dual encoder, CPT on domain-specific sequences only",
+    "flat-idres": "flat dual encoder plus the item-ID residual (evaluation-only)",
+    **LABELS,
 }
 ANCHORS = {  # file stem in <shared>/benchmarks/fk_loo/anchors -> label
     "pop": "anchor: Popularity",
@@ -206,6 +226,12 @@ class Ctx:
     def cmp_valid(self) -> list[Case]:
         return self.sample.valid if self.sample is not None else self.data.valid
 
+    @property
+    def cold_test(self) -> list[int]:
+        """Test cases whose target never occurs in training (an ID model cannot rank them)."""
+        seen = {i for s in self.data.train for i in s.item_ids}
+        return [k for k, c in enumerate(self.data.test) if c.target not in seen]
+
 
 def make_row(
     ctx: Ctx, name: str, cases: Sequence[Case], ranked: list[list[int]], wall_s: float, **extra: Any
@@ -236,6 +262,12 @@ def make_row(
     if full:
         m_full = compute_metrics(ranked, cases, ctx.data.items, name=name, split="test")
         row["test_full"] = slim(m_full)
+        cold = ctx.cold_test
+        if cold:
+            m_cold = compute_metrics(
+                [ranked[i] for i in cold], [cases[i] for i in cold], ctx.data.items
+            )
+            row["test_cold"] = slim(m_cold)
         if not ctx.args.no_rescore:
             row["scorer_check"] = rescore(path, m_full)
             if not row["scorer_check"]["ok"]:
@@ -346,7 +378,7 @@ def run_sasrec(ctx: Ctx) -> list[dict[str, Any]]:
 def fill_missing(rows: dict[str, Any], mode: str, args: argparse.Namespace) -> list[str]:
     """Rows not run say so (never a number); returns the table order."""
     for s in ALL_SYSTEMS:
-        if s in rows:
+        if s in rows or (mode == "budget" and s in HIER + OTHER_SYSTEMS):
             continue
         why = pipeline_missing(s, mode, args) if s in PIPELINE_SYSTEMS else None
         rows[s] = (
@@ -354,7 +386,7 @@ def fill_missing(rows: dict[str, Any], mode: str, args: argparse.Namespace) -> l
             if why
             else unavailable(s, mode, "not run", SKIP_REASON.get((mode, s), f"add --systems {s}"))
         )
-    return [k for s in ALL_SYSTEMS for k in (s, f"{s}-mean10dom") if k in rows]
+    return [k for s in ROW_ORDER for k in (s, f"{s}-mean10dom") if k in rows]
 
 
 def train_config_path(mode: str, args: argparse.Namespace) -> Path:
@@ -373,8 +405,8 @@ def pipeline_missing(system: str, mode: str, args: argparse.Namespace) -> str | 
         from training.pipeline import SYSTEMS
     except Exception as e:  # the pipeline is another module's work; say why instead of failing
         return f"training.pipeline not importable: {type(e).__name__}: {e}"
-    if system not in SYSTEMS:
-        return f"training.pipeline.SYSTEMS has no {system!r}"
+    if FLAT_SYSTEMS.get(system) not in SYSTEMS:
+        return f"training.pipeline.SYSTEMS has no {FLAT_SYSTEMS.get(system)!r}"
     path = train_config_path(mode, args)
     if not path.exists():
         rel = path.relative_to(REPO) if path.is_relative_to(REPO) else path
@@ -419,7 +451,7 @@ def run_pipeline_system(ctx: Ctx, system: str) -> list[dict[str, Any]]:
     t0 = time.perf_counter()
     data = load_data(cfg.data)
     cases = list(ctx.data.test)  # every test user (scorer-valid file); the sample is a subset
-    res = run_system(system, cfg, data, cases={"test": cases})
+    res = run_system(FLAT_SYSTEMS[system], cfg, data, cases={"test": cases})
     ext = [[int(data.external_ids[i]) for i in lst] for lst in res.ranked["test"]]
     stages = []
     for st in ("cpt", "finetune"):
@@ -459,7 +491,23 @@ def run_pipeline_system(ctx: Ctx, system: str) -> list[dict[str, Any]]:
     ]
 
 
+def run_hier_system(ctx: Ctx, system: str) -> list[dict[str, Any]]:
+    from bench import hier_systems as hs
+
+    def row(name: str, ranked: list[list[int]], wall: float, **extra: Any) -> dict[str, Any]:
+        return make_row(ctx, name, ctx.data.test, ranked, wall, kind="hier", **extra)
+
+    cfg = Path(ctx.args.hier_config)
+    if system in HIER_SYSTEMS:
+        return hs.run_hier_rows(system, cfg, list(ctx.data.test), row)
+    if system == "zeroshot-default":
+        return hs.run_zeroshot_default(ctx.data, list(ctx.data.test), row)
+    return hs.run_sci(system, cfg, ctx.args.seed)
+
+
 def run_system(ctx: Ctx, system: str) -> list[dict[str, Any]]:
+    if system in HIER_SYSTEMS or system in OTHER_SYSTEMS:
+        return run_hier_system(ctx, system)
     if system == "pop":
         return run_pop(ctx)
     if system in ZEROSHOT:
@@ -514,6 +562,8 @@ def table_rows(run: dict[str, Any], anchors: dict[str, Any]) -> list[list[str]]:
     rows = []
     for name in run["order"]:
         r = run["rows"][name]
+        if name.startswith("sci-"):
+            continue  # another dataset: its own table
         if r.get("status") != "ok":
             rows.append([name, r.get("status", "?"), *["-"] * 10])
             continue
@@ -618,6 +668,109 @@ def goal_lines(run: dict[str, Any]) -> list[str]:
     return lines
 
 
+SASREC_REF = 0.0581  # the FK-LOO anchor's SASRec (mixed) test micro NDCG@10
+HEADLINE_RATIO = 1.15
+
+
+def _ndcg(r: dict[str, Any] | None, group: str = "overall_micro", key: str = "test_full") -> float:
+    if not r or r.get("status") != "ok" or key not in r or group not in r[key]:
+        return float("nan")
+    return float(r[key][group]["NDCG@10"])
+
+
+def hier_goals(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """The hierarchical model's targets, each met or not with its measured figures."""
+    rows = run["rows"]
+    get = rows.get
+    me, sas = get("cprec"), get("sasrec")
+    out: list[dict[str, Any]] = []
+
+    def goal(name: str, ok: bool, detail: str) -> None:
+        out.append({"goal": name, "met": bool(ok), "detail": detail})
+
+    if me and me.get("status") == "ok":
+        c = _ndcg(me)
+        goal(
+            f"cprec micro NDCG@10 >= {HEADLINE_RATIO} x SASRec's {SASREC_REF}",
+            c >= HEADLINE_RATIO * SASREC_REF,
+            f"{c:.4f} = {c / SASREC_REF:.3f}x the anchor",
+        )
+        for g in ("Food", "Kitchen"):
+            if sas and sas.get("status") == "ok":
+                a, b = _ndcg(me, g), _ndcg(sas, g)
+                goal(f"cprec ahead of sasrec on {g}", a > b, f"{a:.4f} vs {b:.4f}")
+        s2 = get("cprec-seed2")
+        if s2 and s2.get("status") == "ok" and sas and sas.get("status") == "ok":
+            lo = min(c, _ndcg(s2))
+            spread = abs(c - _ndcg(s2))
+            goal(
+                "cprec ahead of sasrec beyond the seed spread (both seeds)",
+                lo - _ndcg(sas) > spread,
+                f"seeds {c:.4f} / {_ndcg(s2):.4f} (spread {spread:.4f}); sasrec {_ndcg(sas):.4f}",
+            )
+    zs, pop = get("zeroshot-default"), get("pop")
+    if zs and pop and zs.get("status") == "ok" and pop.get("status") == "ok":
+        a, b = _ndcg(zs), _ndcg(pop)
+        goal("zero-shot default ahead of popularity", a > b, f"{a:.4f} vs {b:.4f}")
+    sc, ss, sp, su = get("sci-cprec"), get("sci-sasrec"), get("sci-pop"), get("sci-unseen-cprec")
+    if sc and ss and sc.get("status") == "ok" and ss.get("status") == "ok":
+        a, b = _ndcg(sc), _ndcg(ss)
+        goal("Scientific: cprec ahead of SASRec", a > b, f"{a:.4f} vs {b:.4f}")
+    if su and sp and su.get("status") == "ok" and sp.get("status") == "ok":
+        a, b = _ndcg(su), _ndcg(sp)
+        goal("Scientific never trained on: ahead of its popularity", a > b, f"{a:.4f} vs {b:.4f}")
+    return out
+
+
+def hier_lines(run: dict[str, Any]) -> list[str]:
+    rows = run["rows"]
+    lines: list[str] = []
+    cold = [(n, r) for n in run["order"] if "test_cold" in (r := rows[n])]
+    if cold:
+        n_cold = cold[0][1]["test_cold"]["overall_micro"]["n"]
+        lines += [
+            "",
+            f"Cold targets: the {n_cold} test cases whose target never occurs in training "
+            "(micro over those cases):",
+            "",
+            "| system | R@10 | N@10 | R@50 | MRR |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for n, r in cold:
+            m = r["test_cold"]["overall_micro"]
+            lines.append(
+                f"| {n} | {m['Recall@10']:.4f} | {m['NDCG@10']:.4f} | {m['Recall@50']:.4f} "
+                f"| {m['MRR']:.4f} |"
+            )
+    sci = [(n, rows[n]) for n in run["order"] if n.startswith("sci-")]
+    if any(r.get("status") == "ok" for _, r in sci):
+        lines += [
+            "",
+            "Amazon Scientific (`amazon18_scientific_unisrec`, leave-one-out: last item test, "
+            "second-to-last valid, full ranking over the 4,385 items, history masked):",
+            "",
+            "| system | cases | R@10 | N@10 | R@50 | N@50 | MRR | wall s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for n, r in sci:
+            if r.get("status") != "ok":
+                lines.append(f"| {n} | {r.get('status')} | - | - | - | - | - | - |")
+                continue
+            m = r["test_full"]["overall_micro"]
+            lines.append(
+                f"| {n} | {m['n']} | {m['Recall@10']:.4f} | {m['NDCG@10']:.4f} | "
+                f"{m['Recall@50']:.4f} | {m['NDCG@50']:.4f} | {m['MRR']:.4f} | "
+                f"{r.get('wall_s', 0):.0f} |"
+            )
+    goals = hier_goals(run)
+    if goals:
+        lines += ["", "Targets of the hierarchical model (full test split):"]
+        lines += [
+            f"- {'met' if g['met'] else 'NOT met'}: {g['goal']} ({g['detail']})" for g in goals
+        ]
+    return lines
+
+
 def markdown(q: dict[str, Any]) -> str:
     lines = [
         START,
@@ -666,6 +819,7 @@ def markdown(q: dict[str, Any]) -> str:
                     f"{s['stage']}: {s.get('wall_s', '-')} s"
                     + (f", {s['tokens_per_s']} tok/s" if "tokens_per_s" in s else "")
                     + (f", {s['pairs_per_s']} pairs/s" if "pairs_per_s" in s else "")
+                    + (f", {s['targets_per_s']} targets/s" if "targets_per_s" in s else "")
                     + (", from cache" if s.get("from_cache") else "")
                     + (
                         " (encoded {created_at}: {wall_s} s, {tokens_per_s} tok/s)".format(
@@ -688,6 +842,7 @@ def markdown(q: dict[str, Any]) -> str:
         if notes:
             lines += ["", "Per row (status, stages, scorer checks):", *notes]
         lines += goal_lines(run)
+        lines += hier_lines(run)
         anchors = q.get("anchors", {}).get(mode, {})
         if anchors:
             lines += [
@@ -743,6 +898,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--train-config",
         default=None,
         help="TrainConfig YAML for the CPRec systems (default configs/quality-<mode>.yaml)",
+    )
+    ap.add_argument(
+        "--hier-config",
+        default=str(HIER_CONFIG),
+        help="HierTrainConfig YAML of the hier rows (default configs/hier-cpu.yaml)",
     )
     ap.add_argument(
         "--sasrec-minutes",

@@ -51,6 +51,12 @@ class Manifest(BaseModel):
     created_at: str = Field(
         default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     )
+    kind: str = Field(
+        default="flat",
+        description="flat: the LM encodes history text and item titles (LLM-Rec dual encoder); "
+        "hier: the LM encodes item texts, cprec.hier.HierRec (files under hier/) reads the "
+        "history's item vectors.",
+    )
     base_model: str = Field(description="Bundled name or path of the model this was trained from.")
     pooling: str = Field(description="mean | cls | last")
     is_decoder: bool = False

@@ -1,6 +1,8 @@
 """``python -m training STAGE --config X.yaml [--set k=v]``.
 
-STAGE is one of corpus, cpt, finetune, evaluate, publish, pipeline.
+STAGE is one of corpus, cpt, finetune, evaluate, publish, pipeline (the ``flat`` dual encoder),
+or ``hier``: the hierarchical model's whole recipe (``training/hier_pipeline.py``; its config is a
+``training.hier.HierTrainConfig``, e.g. ``configs/hier-cpu.yaml``).
 
 Stages read and write under ``output_dir`` from the config, so they can be run one by one:
 ``corpus`` -> ``cpt`` -> ``finetune`` -> ``evaluate`` -> ``publish``; ``pipeline`` runs them all.
@@ -27,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "stage", choices=["corpus", "cpt", "finetune", "evaluate", "publish", "pipeline"]
+        "stage",
+        choices=["corpus", "cpt", "finetune", "evaluate", "publish", "pipeline", "hier"],
     )
     p.add_argument("--config", type=Path, required=True, help="YAML config (see configs/).")
     p.add_argument(
@@ -50,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="evaluate/publish: the model folder (default: output_dir/finetune/model).",
     )
+    p.add_argument("--no-publish", action="store_true", help="hier: train and evaluate only.")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -62,6 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.stage == "hier":
+        from training.hier_pipeline import main_hier
+
+        try:
+            return main_hier(args.config, args.overrides, publish=not args.no_publish)
+        except (DataError, FileNotFoundError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     overrides = list(args.overrides) + (["data.skip_bad_rows=true"] if args.skip_bad_rows else [])
     cfg: TrainConfig = load_config(args.config, overrides)
     from training import pipeline as pl
