@@ -126,6 +126,10 @@ class Batcher:
         self._queries: TickBatcher[str, list[int]] = TickBatcher(
             self._tokenize_queries, parts=TOKENIZE_THREADS, min_part=8
         )
+        # History titles that the hier and mean scorers encode as items (their own truncation).
+        self._items: TickBatcher[str, list[int]] = TickBatcher(
+            self._tokenize_items, parts=TOKENIZE_THREADS, min_part=8
+        )
         self._queue: asyncio.Queue[_Pending] | None = None
         self._carry: _Pending | None = None
         self._worker: asyncio.Task[None] | None = None
@@ -162,8 +166,12 @@ class Batcher:
     async def _tokenize_queries(self, texts: list[str]) -> list[list[int]]:
         return await self.tokenize(texts, "query")
 
-    async def embed(self, text: str) -> np.ndarray:
-        """One user text -> [D] unit vector, batched with whatever else is waiting."""
+    async def _tokenize_items(self, texts: list[str]) -> list[list[int]]:
+        return await self.tokenize(texts, "item")
+
+    async def embed(self, text: str, kind: TextKind = "query") -> np.ndarray:
+        """One text -> [D] unit vector, batched with whatever else is waiting: a user text
+        (``query``) or, for the hier and mean scorers, a history title as an item (``item``)."""
         if self._queue is None:
             raise RuntimeError("batcher not started")
         if self.depth >= self.queue_size:
@@ -172,7 +180,7 @@ class Batcher:
                 details={"queue_size": self.queue_size},
                 headers={"Retry-After": "1"},
             )
-        ids = await self._queries(text)
+        ids = await (self._queries if kind == "query" else self._items)(text)
         if not self.enabled:
             self._inflight += 1
             try:

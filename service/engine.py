@@ -1,14 +1,17 @@
 """The engine: the one object routes talk to.
 
-It owns the encoder (behind the batcher), the live :class:`ItemIndex` snapshot, the user-vector
-cache and the reindex jobs. Readers take no lock: they read ``self.index`` once per request, so a
-swap in the middle of a request never mixes two catalogues. One lock serialises writers.
+It owns the encoder (behind the batcher), the scorer that turns LM vectors into index rows and
+user queries (``service/scorer.py``: text, hier or mean), the live :class:`ItemIndex` snapshot,
+the user-vector cache and the reindex jobs. Readers take no lock: they read ``self.index`` once
+per request, so a swap in the middle of a request never mixes two catalogues. One lock
+serialises writers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
+import json
 import logging
 import time
 import uuid
@@ -19,12 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
+from cprec.hier import CONFIG_FILE, RESIDUAL_IDS_FILE, WEIGHTS_FILE, HierRec, is_hier_dir
 from cprec.lm import BUNDLED, bundled_dir, detect_pooling, is_decoder_config
 from cprec.text import Behaviour, Template, normalise_title
 from model_store import ArtifactError, ModelStore
+from model_store.store import MANIFEST, Manifest
 from service.batcher import Batcher, device_thread
 from service.cache import LRUCache, RedisCache, UserVectorCache, cache_key
 from service.catalog import check_unique, load_catalog_file
+from service.coalesce import TickBatcher
 from service.encoder import Encoder, HFEncoder
 from service.errors import Conflict, NotFound, NotReady, PayloadTooLarge, ValidationFailed
 from service.index import IndexStore, Item, ItemIndex, configure_faiss
@@ -36,10 +42,20 @@ from service.protocol import (
     RecommendResponse,
     ScoredItem,
 )
-from service.search import RankedLists, SearchCoalescer
+from service.scorer import (
+    HistoryVectors,
+    ScorerKind,
+    hier_item_rows,
+    hier_user_vectors,
+    mean_item_rows,
+    zero_shot_query,
+)
+from service.search import Hits, RankedLists, SearchCoalescer
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+
+HIER_DIR = "hier"  # a hier artifact's HierRec folder, beside the LM at the version's root
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,10 +63,60 @@ class LoadedModel:
     encoder: Encoder
     version: str
     template: Template
+    scorer: ScorerKind = "text"
+    hier: HierRec | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _History:
+    """The entries a hier or mean user is made of (the most recent ones), as the LM sees them:
+    ``rows`` are catalogue rows (None for a title not in the catalogue, encoded on demand)."""
+
+    texts: list[str]
+    rows: list[int | None]
+    item_ids: list[str | None]
+    domains: list[str]
+    material: str  # what the cache key hashes: ids, domains and texts, unambiguously
+
+    @property
+    def needs_forward(self) -> bool:
+        return any(r is None for r in self.rows)
+
+
+def _load_hier(path: Path, m: Manifest, encoder: HFEncoder) -> HierRec:
+    """The HierRec of a ``hier`` artifact, on the encoder's device, checked against the LM and
+    the manifest (its files must be under the manifest's checksums, like the LM's)."""
+    folder = path / HIER_DIR
+    if not is_hier_dir(folder):
+        raise ArtifactError(
+            f"{folder / CONFIG_FILE}: missing; a kind 'hier' model keeps its HierRec under "
+            f"{HIER_DIR}/ (HierRec.save_pretrained)",
+            f"{HIER_DIR}/{CONFIG_FILE}",
+        )
+    for name in (CONFIG_FILE, WEIGHTS_FILE, RESIDUAL_IDS_FILE):
+        if f"{HIER_DIR}/{name}" not in m.files:
+            raise ArtifactError(
+                f"{folder / name}: not listed in the manifest, so not checksum-verified; "
+                "publish the hier folder through ModelStore.publish",
+                f"{HIER_DIR}/{name}",
+            )
+    model = HierRec.from_pretrained(folder, device=getattr(encoder, "device", "cpu"))
+    if model.cfg.text_dim != encoder.dim:
+        raise ArtifactError(
+            f"{folder / CONFIG_FILE}: text_dim {model.cfg.text_dim} but the LM pools "
+            f"{encoder.dim}-d vectors",
+            f"{HIER_DIR}/{CONFIG_FILE}",
+        )
+    if model.cfg.dim != m.dim:
+        raise ArtifactError(
+            f"{path / MANIFEST}: dim {m.dim} but the HierRec has dim {model.cfg.dim}", MANIFEST
+        )
+    return model
 
 
 def load_model(settings: Settings) -> LoadedModel:
-    """The ``settings.model`` version from the store, else the bundled/local base model.
+    """The ``settings.model`` version from the store, else the bundled/local base model, served
+    with the ``settings.zero_shot`` scorer.
 
     A store version that exists but fails its checksums is an error (never served), not a fallback.
     """
@@ -58,6 +124,12 @@ def load_model(settings: Settings) -> LoadedModel:
     if store.resolve(settings.model) is not None:
         art = store.load(settings.model)  # raises ArtifactError naming the bad file
         m = art.manifest
+        if m.kind not in ("flat", "hier"):
+            raise ArtifactError(
+                f"{art.path / MANIFEST}: unknown model kind {m.kind!r}; this service serves "
+                "flat and hier models",
+                MANIFEST,
+            )
         template = Template.model_validate(m.template) if m.template else Template()
         enc = HFEncoder(
             art.path,
@@ -69,6 +141,8 @@ def load_model(settings: Settings) -> LoadedModel:
             name=f"store:{m.version}",
             quantize=settings.quantize,
         )
+        if m.kind == "hier":
+            return LoadedModel(enc, m.version, template, "hier", _load_hier(art.path, m, enc))
         return LoadedModel(enc, m.version, template)
     base = settings.base_model
     if base in BUNDLED:
@@ -97,7 +171,9 @@ def load_model(settings: Settings) -> LoadedModel:
         name=version,
         quantize=settings.quantize,
     )
-    return LoadedModel(enc, version, Template(max_items=settings.history_max_items))
+    return LoadedModel(
+        enc, version, Template(max_items=settings.history_max_items), settings.zero_shot
+    )
 
 
 def release_memory() -> None:
@@ -120,10 +196,20 @@ class Engine:
         model_version: str | None = None,
         template: Template | None = None,
         cache: UserVectorCache | None = None,
+        hier: HierRec | None = None,
+        scorer: ScorerKind | None = None,
     ) -> None:
+        """With no ``encoder``, ``start`` loads the model (``load_model``). An injected encoder
+        is served as a flat model (scorer ``text``) unless ``hier`` or ``scorer`` say otherwise."""
         self.settings = settings
         self.metrics = Metrics()
         self._encoder = encoder
+        self.hier = hier
+        self.scorer: ScorerKind = scorer or ("hier" if hier is not None else "text")
+        if self.scorer == "hier" and hier is None:
+            raise ValueError("scorer 'hier' needs a HierRec")
+        # The histories of one tick go through encode_histories together, on the device thread.
+        self._hier_users: TickBatcher[HistoryVectors, np.ndarray] = TickBatcher(self._hier_block)
         self.model_version = model_version or (f"injected-{encoder.name}" if encoder else "")
         self.template = template or Template(max_items=settings.history_max_items)
         self._cache_namespace = ""  # set in start(), once the model is known
@@ -172,9 +258,20 @@ class Engine:
                 loaded.version,
                 loaded.template,
             )
-        # Model version + template hash, computed once: a model or template change makes every
-        # old cache entry unreachable without a flush.
-        self._cache_namespace = f"{self.model_version}:{self.template.fingerprint()}"
+            self.scorer, self.hier = loaded.scorer, loaded.hier
+        if self.hier is not None and self.hier.cfg.text_dim != self.encoder.dim:
+            raise ValueError(
+                f"HierRec text_dim {self.hier.cfg.text_dim} != encoder dim {self.encoder.dim}"
+            )
+        # Model version (+ scorer) + template hash, computed once: a model, scorer or template
+        # change makes every old cache entry unreachable without a flush. text keeps the keys it
+        # always had.
+        fp = self.template.fingerprint()
+        self._cache_namespace = (
+            f"{self.model_version}:{fp}"
+            if self.scorer == "text"
+            else f"{self.model_version}:{self.scorer}:{fp}"
+        )
         if self._cache is None:
             if s.redis_url:
                 self._cache = RedisCache(
@@ -210,20 +307,34 @@ class Engine:
         )
         await self.batcher.start()
         await self.batcher.run_on_device(self.encoder.warmup)
-        index = await asyncio.to_thread(self.index_store.load_latest, s.faiss_gpu, s.hnsw_ef_search)
+        if self.hier is not None:
+            await self.batcher.run_on_device(self._warm_hier)
+        index = await asyncio.to_thread(
+            self.index_store.load_latest, s.faiss_gpu, s.hnsw_ef_search, self.scorer
+        )
+        if index is not None and not self._fits(index):
+            log.warning(
+                "saved index %s has %d-d rows, the model needs %d: indexing again",
+                index.version,
+                index.dim,
+                self.user_dim,
+            )
+            index = None
         if index is None:
             log.info("no saved index for %s: indexing %s", self.model_version, s.catalog_path)
             items = await asyncio.to_thread(load_catalog_file, Path(s.catalog_path))
-            vectors = await self._embed_items(items)
-            index = await asyncio.to_thread(self._build_and_save, items, vectors)
-            del items, vectors
+            lm = await self._embed_items(items)
+            rows = await self._index_rows(items, lm)
+            index = await asyncio.to_thread(self._build_and_save, items, rows, lm)
+            del items, lm, rows
             release_memory()
         self._install(index)
         self.ready = True
         self.metrics.ready.set(1)
         log.info(
-            "ready: model %s, index %s (%d items in %s)",
+            "ready: model %s (scorer %s), index %s (%d items in %s)",
             self.model_version,
+            self.scorer,
             index.version,
             len(index.items),
             ", ".join(index.domains),
@@ -245,6 +356,22 @@ class Engine:
         self.ready = False
         self.metrics.ready.set(0)
 
+    @property
+    def user_dim(self) -> int:
+        """Size of a user query and of an index row."""
+        if self.scorer == "hier":
+            assert self.hier is not None
+            return self.hier.cfg.dim
+        return self.encoder.dim + (1 if self.scorer == "mean" else 0)  # mean: popularity column
+
+    def _fits(self, index: ItemIndex) -> bool:
+        return index.dim == self.user_dim and index.lm_vectors.shape[1] == self.encoder.dim
+
+    def _warm_hier(self) -> None:
+        assert self.hier is not None
+        one = HistoryVectors(np.zeros((1, self.encoder.dim), np.float32), [None], [""])
+        hier_user_vectors(self.hier, [one])
+
     def _install(self, index: ItemIndex) -> None:
         self.index = index  # the one reference readers use
         self.ranked.clear()  # keyed by snapshot version too; this frees the old lists
@@ -255,7 +382,9 @@ class Engine:
     # -- recommend ---------------------------------------------------------------------------
     def _resolve_history(
         self, idx: ItemIndex, req: RecommendRequest
-    ) -> tuple[list[Behaviour], set[int]]:
+    ) -> tuple[list[Behaviour], list[int | None], set[int]]:
+        """The history as behaviours, the catalogue row of each entry (an id, or a title that
+        names a catalogue item in its domain; None otherwise) and the rows to exclude."""
         s = self.settings
         if len(req.history) > s.max_history:
             raise PayloadTooLarge(
@@ -264,6 +393,7 @@ class Engine:
                 details={"field": "history", "limit": s.max_history},
             )
         behaviours: list[Behaviour] = []
+        rows: list[int | None] = []
         seen: set[int] = set()
         for n, entry in enumerate(req.history):
             if isinstance(entry, IdEntry):
@@ -275,6 +405,7 @@ class Engine:
                     )
                 it = idx.items[row]
                 behaviours.append(Behaviour(it.domain, it.title))
+                rows.append(row)
                 seen.add(row)
             else:
                 if len(entry.title) > s.max_title_chars:
@@ -291,9 +422,10 @@ class Engine:
                     )
                 behaviours.append(Behaviour(entry.domain, title))
                 row = idx.by_title.get((entry.domain, title.casefold()))
+                rows.append(row)
                 if row is not None:
                     seen.add(row)
-        return behaviours, seen
+        return behaviours, rows, seen
 
     def _targets(self, idx: ItemIndex, req: RecommendRequest) -> list[str]:
         if req.target_domains is None:
@@ -319,12 +451,110 @@ class Engine:
         """The user vector for ``text`` (cached under ``key``) and whether it came from the
         cache; the caller stores a miss, beside its search."""
         vec = await self.cache.get(key)
-        if vec is not None and vec.shape == (self.encoder.dim,):
+        if vec is not None and vec.shape == (self.user_dim,):
             self.metrics.cache.labels("hit").inc()
             return vec, True
         self.metrics.cache.labels("miss").inc()
         assert self.batcher is not None
         return await self.batcher.embed(text), False
+
+    # -- hier and mean users ----------------------------------------------------------------
+    def _history(
+        self, idx: ItemIndex, behaviours: list[Behaviour], rows: list[int | None]
+    ) -> _History:
+        """The most recent entries (hier: the model's max_len; mean: the template's max_items),
+        a catalogue item standing for itself whether given by id or by title."""
+        if self.scorer == "hier":
+            assert self.hier is not None
+            n = self.hier.cfg.max_len
+        else:
+            n = self.template.max_items
+        start = max(0, len(behaviours) - n)
+        texts: list[str] = []
+        ids: list[str | None] = []
+        domains: list[str] = []
+        for b, row in zip(behaviours[start:], rows[start:], strict=True):
+            if row is not None:
+                it = idx.items[row]
+                texts.append(self.lm_text(it))
+                ids.append(it.item_id)
+                domains.append(it.domain)
+            else:
+                texts.append(self.template.render_item(b.domain, b.title))
+                ids.append(None)
+                domains.append(b.domain)
+        material = json.dumps([ids, domains, texts], ensure_ascii=False)
+        return _History(texts, list(rows[start:]), ids, domains, material)
+
+    async def _history_vectors(self, idx: ItemIndex, hist: _History) -> np.ndarray:
+        """[T, text_dim] LM vectors of a history: catalogue items from the index snapshot (no
+        forward), other titles through the batcher as items (batched across requests)."""
+        out = np.empty((len(hist.texts), self.encoder.dim), dtype=np.float32)
+        todo: dict[str, list[int]] = {}
+        for i, (row, text) in enumerate(zip(hist.rows, hist.texts, strict=True)):
+            if row is not None:
+                out[i] = idx.lm_vectors[row]
+            else:
+                todo.setdefault(text, []).append(i)
+        if todo:
+            assert self.batcher is not None
+            vecs = await asyncio.gather(*(self.batcher.embed(t, "item") for t in todo))
+            for pos, v in zip(todo.values(), vecs, strict=True):
+                out[pos] = v
+        return out
+
+    async def _hier_block(self, batch: list[HistoryVectors]) -> list[np.ndarray]:
+        assert self.batcher is not None and self.hier is not None
+        users = await self.batcher.run_on_device(hier_user_vectors, self.hier, batch)
+        return list(users)
+
+    async def _hier_vector(
+        self, idx: ItemIndex, key: str, hist: _History
+    ) -> tuple[np.ndarray, bool]:
+        """The hier user vector (cached under ``key``) and whether it came from the cache."""
+        vec = await self.cache.get(key)
+        if vec is not None and vec.shape == (self.user_dim,):
+            self.metrics.cache.labels("hit").inc()
+            return vec, True
+        self.metrics.cache.labels("miss").inc()
+        lm = await self._history_vectors(idx, hist)
+        user = await self._hier_users(HistoryVectors(lm, hist.item_ids, hist.domains))
+        return user, False
+
+    async def _mean_hits(
+        self,
+        idx: ItemIndex,
+        hist: _History,
+        targets: list[str],
+        k: int,
+        exclude: set[int],
+    ) -> tuple[Hits, bool]:
+        """Zero-shot: one query per target domain (``zero_shot_user``). A history of catalogue
+        items costs a mean, less than a cache round trip, so only histories with titles to
+        encode are cached, per (history, domain)."""
+        queries: dict[str, np.ndarray] = {}
+        keys: dict[str, str] = {}
+        if hist.needs_forward:
+            keys = {d: self.user_key(f"{hist.material}\n{json.dumps(d)}") for d in targets}
+            got = await asyncio.gather(*(self.cache.get(keys[d]) for d in targets))
+            for d, v in zip(targets, got, strict=True):
+                if v is not None and v.shape == (self.user_dim,):
+                    queries[d] = v
+            self.metrics.cache.labels("hit" if len(queries) == len(targets) else "miss").inc()
+        missing = [d for d in targets if d not in queries]
+        if missing:
+            lm = await self._history_vectors(idx, hist)  # [T, text_dim]
+            for d in missing:
+                queries[d] = zero_shot_query(lm, hist.domains, d)
+        searches = [self.searches.search(idx, [d], queries[d], k, exclude) for d in targets]
+        stores = [self.cache.set(keys[d], queries[d]) for d in missing if d in keys]
+        # Searches and stores in one tick: the searches share one faiss call per domain with
+        # the other requests of this tick, the stores one Redis pipeline.
+        parts, _ = await asyncio.gather(asyncio.gather(*searches), asyncio.gather(*stores))
+        hits: Hits = {}
+        for part in parts:
+            hits.update(part)
+        return hits, not missing
 
     async def recommend(self, req: RecommendRequest) -> RecommendResponse:
         # Only a missing index refuses: while draining (/ready already 503) requests that reached
@@ -337,7 +567,7 @@ class Engine:
                 f"k={req.k} exceeds max_k={self.settings.max_k}",
                 details={"field": "k", "limit": self.settings.max_k},
             )
-        behaviours, seen = self._resolve_history(idx, req)
+        behaviours, rows, seen = self._resolve_history(idx, req)
         targets = self._targets(idx, req)
         exclude = seen if req.exclude_history else set()
         results: dict[str, list[ScoredItem]] = {}
@@ -359,16 +589,29 @@ class Engine:
                 cold_start=True,
                 results=results,
             )
-        text = self.template.render_history(behaviours)
-        key = self.user_key(text)
+        hist: _History | None = None
+        text = ""
+        if self.scorer == "text":
+            text = self.template.render_history(behaviours)
+            key = self.user_key(text)
+        else:
+            hist = self._history(idx, behaviours, rows)
+            key = self.user_key(hist.material)
         ranked_key = self.ranked.key(idx.version, key, targets, req.k, exclude)
         known = self.ranked.get(ranked_key)
         if known is not None:
             self.metrics.results.labels("hit").inc()
             hits, cached = known, True
+        elif hist is not None and self.scorer == "mean":
+            self.metrics.results.labels("miss").inc()
+            hits, cached = await self._mean_hits(idx, hist, targets, req.k, exclude)
+            self.ranked.put(ranked_key, hits)
         else:
             self.metrics.results.labels("miss").inc()
-            vec, cached = await self.user_vector(key, text)
+            if hist is None:
+                vec, cached = await self.user_vector(key, text)
+            else:
+                vec, cached = await self._hier_vector(idx, key, hist)
             search = self.searches.search(idx, targets, vec, req.k, exclude)
             if cached:
                 hits = await search
@@ -377,10 +620,10 @@ class Engine:
                 # issue their searches in the same tick and share one faiss call per domain.
                 hits, _ = await asyncio.gather(search, self.cache.set(key, vec))
             self.ranked.put(ranked_key, hits)
-        for d, rows in hits.items():
+        for d, scored in hits.items():
             results[d] = [
                 ScoredItem(item_id=idx.items[r].item_id, title=idx.items[r].title, score=s)
-                for r, s in rows
+                for r, s in scored
             ]
         return RecommendResponse(
             model_version=self.model_version,
@@ -389,10 +632,41 @@ class Engine:
             results=results,
         )
 
+    async def query_vectors(self, req: RecommendRequest) -> dict[str, np.ndarray]:
+        """The vector each target domain of ``req`` is searched with, computed afresh (no cache,
+        no search): the served side of the parity tests that hold it to the offline model."""
+        if self.index is None:
+            raise NotReady("the service is not ready (still loading)")
+        idx = self.index
+        behaviours, rows, _ = self._resolve_history(idx, req)
+        targets = self._targets(idx, req)
+        if not behaviours:
+            raise ValidationFailed(
+                "an empty history has no user vector (cold start)", details={"field": "history"}
+            )
+        if self.scorer == "text":
+            assert self.batcher is not None
+            vec = await self.batcher.embed(self.template.render_history(behaviours))
+            return {d: vec for d in targets}
+        hist = self._history(idx, behaviours, rows)
+        lm = await self._history_vectors(idx, hist)  # [T, text_dim]
+        if self.scorer == "mean":
+            return {d: zero_shot_query(lm, hist.domains, d) for d in targets}
+        user = await self._hier_users(HistoryVectors(lm, hist.item_ids, hist.domains))
+        return {d: user for d in targets}
+
     # -- reindex -----------------------------------------------------------------------------
     def item_text(self, it: Item) -> str:
         text = self.template.render_item(it.domain, it.title)
         return f"{text} {it.extra_text}" if it.extra_text else text
+
+    def lm_text(self, it: Item) -> str:
+        """The text the LM encodes for a catalogue item: the flat item text (with extra_text)
+        for ``text``; for hier and mean the item as one step of a history, the text their
+        history entries and training use."""
+        if self.scorer == "text":
+            return self.item_text(it)
+        return self.template.render_item(it.domain, it.title)
 
     async def _embed_items(
         self,
@@ -400,9 +674,10 @@ class Engine:
         job: JobStatus | None = None,
         reuse: dict[str, np.ndarray] | None = None,
     ) -> np.ndarray:
-        """Item vectors, reusing unchanged ones; length-sorted batches on the device thread."""
+        """[N, text_dim] LM vectors of ``lm_text``, reusing unchanged ones; length-sorted
+        batches on the device thread."""
         assert self.batcher is not None
-        texts = [self.item_text(it) for it in items]
+        texts = [self.lm_text(it) for it in items]
         out = np.zeros((len(items), self.encoder.dim), dtype=np.float32)
         todo = []
         for i, t in enumerate(texts):
@@ -428,7 +703,24 @@ class Engine:
                 job.progress = job.embedded / max(job.total, 1)
         return out
 
-    def _build_and_save(self, items: Sequence[Item], vectors: np.ndarray) -> ItemIndex:
+    async def _index_rows(self, items: Sequence[Item], lm: np.ndarray) -> np.ndarray:
+        """[N, text_dim] LM vectors -> [N, user_dim] index rows (cheap next to the LM, so a
+        reindex recomputes them all: popularity and residual rows follow the new catalogue)."""
+        if self.scorer == "text":
+            return lm
+        assert self.batcher is not None
+        if self.scorer == "hier":
+            ids = [it.item_id for it in items]
+            rows: np.ndarray = await self.batcher.run_on_device(hier_item_rows, self.hier, lm, ids)
+            return rows
+        pop = [it.popularity for it in items]
+        return await self.batcher.run_on_device(mean_item_rows, lm, pop)  # type: ignore[no-any-return]
+
+    def _build_and_save(
+        self, items: Sequence[Item], vectors: np.ndarray, lm: np.ndarray | None = None
+    ) -> ItemIndex:
+        """``vectors`` are the index rows; ``lm`` the LM vectors they came from, kept in the
+        snapshot unless they are the rows themselves (``text``)."""
         s = self.settings
         index = ItemIndex.build(
             items,
@@ -438,6 +730,8 @@ class Engine:
             hnsw_m=s.hnsw_m,
             ef_search=s.hnsw_ef_search,
             use_gpu=s.faiss_gpu,
+            text_vectors=None if self.scorer == "text" else lm,
+            scorer=self.scorer,
         )
         self.index_store.save(index)
         return index
@@ -516,9 +810,11 @@ class Engine:
                 new_items = self._merge(old, job.mode, items, item_ids)
                 if not new_items:
                     raise ValidationFailed("the resulting catalogue would be empty")
-                reuse = {self.item_text(it): old.vectors[r] for r, it in enumerate(old.items)}
-                vectors = await self._embed_items(new_items, job, reuse)
-                index = await asyncio.to_thread(self._build_and_save, new_items, vectors)
+                old_lm = old.lm_vectors
+                reuse = {self.lm_text(it): old_lm[r] for r, it in enumerate(old.items)}
+                lm = await self._embed_items(new_items, job, reuse)
+                rows = await self._index_rows(new_items, lm)
+                index = await asyncio.to_thread(self._build_and_save, new_items, rows, lm)
                 self._install(index)
                 job.index_version = index.version
                 job.state = "succeeded"

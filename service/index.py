@@ -4,10 +4,12 @@ A snapshot owns the catalogue it was built from, the item vectors, and one index
 int64 ids are the catalogue rows. Snapshots never change after build: a reindex builds a new one
 beside the live one and the engine swaps one reference.
 
-On disk (``<root>/versions/<index_version>/``): ``items.jsonl``, ``vectors.npy``, one
-``domain-<n>.faiss`` per domain and ``manifest.json`` (domains, checksums, model version) written
-last; the directory is renamed into place, then ``CURRENT`` is moved. A crash mid-write leaves
-only a ``.tmp-*`` directory that the next start removes.
+On disk (``<root>/versions/<index_version>/``): ``items.jsonl``, ``vectors.npy`` (the rows the
+indexes hold), ``text_vectors.npy`` (the items' LM vectors, where the scorer is not ``text``: see
+``service/scorer.py``), one ``domain-<n>.faiss`` per domain and ``manifest.json`` (domains,
+scorer, checksums, model version) written last; the directory is renamed into place, then
+``CURRENT`` is moved. A crash mid-write leaves only a ``.tmp-*`` directory that the next start
+removes.
 """
 
 from __future__ import annotations
@@ -94,8 +96,12 @@ class ItemIndex:
     version: str
     model_version: str
     items: list[Item]
-    vectors: np.ndarray  # [N, D] float32, unit norm
+    vectors: np.ndarray  # [N, D] float32: the rows the FAISS indexes hold
     kind: IndexKind = "flat"
+    # [N, text_dim] float32 LM vectors of the item texts, kept beside rows derived from them
+    # (scorers hier and mean) so a reindex or a restart re-encodes nothing; None for text.
+    text_vectors: np.ndarray | None = None
+    scorer: str = "text"
     created_at: float = field(default_factory=time.time)
     by_id: dict[str, int] = field(init=False)
     by_title: dict[tuple[str, str], int] = field(init=False)
@@ -116,9 +122,13 @@ class ItemIndex:
         version: str | None = None,
         use_gpu: bool = False,
         indexes: dict[str, faiss.Index] | None = None,
+        text_vectors: np.ndarray | None = None,
+        scorer: str = "text",
     ) -> ItemIndex:
         if len(items) != vectors.shape[0]:
             raise ValueError(f"{len(items)} items but {vectors.shape[0]} vectors")
+        if text_vectors is not None and text_vectors.shape[0] != len(items):
+            raise ValueError(f"{len(items)} items but {text_vectors.shape[0]} text vectors")
         self = cls(
             version=version
             or time.strftime("i%Y%m%d-%H%M%S-", time.gmtime()) + uuid.uuid4().hex[:6],
@@ -126,6 +136,10 @@ class ItemIndex:
             items=list(items),
             vectors=np.ascontiguousarray(vectors, dtype=np.float32),
             kind=kind,
+            text_vectors=None
+            if text_vectors is None
+            else np.ascontiguousarray(text_vectors, dtype=np.float32),
+            scorer=scorer,
         )
         self.by_id = {}
         for row, it in enumerate(self.items):
@@ -171,6 +185,11 @@ class ItemIndex:
     @property
     def dim(self) -> int:
         return int(self.vectors.shape[1])
+
+    @property
+    def lm_vectors(self) -> np.ndarray:
+        """[N, text_dim] LM vectors of the items (the index rows themselves for ``text``)."""
+        return self.vectors if self.text_vectors is None else self.text_vectors
 
     def size(self, domain: str) -> int:
         return int(self.rows_by_domain[domain].shape[0])
@@ -219,6 +238,8 @@ class ItemIndex:
                 for it in self.items:
                     fh.write(json.dumps(it.to_json(), ensure_ascii=False) + "\n")
             np.save(tmp / "vectors.npy", self.vectors)
+            if self.text_vectors is not None:
+                np.save(tmp / "text_vectors.npy", self.text_vectors)
             domain_files = {}
             for n, (d, idx) in enumerate(self.indexes.items()):
                 cpu = faiss.index_gpu_to_cpu(idx) if self.on_gpu else idx
@@ -230,6 +251,7 @@ class ItemIndex:
                 "version": self.version,
                 "model_version": self.model_version,
                 "kind": self.kind,
+                "scorer": self.scorer,
                 "dim": self.dim,
                 "n_items": len(self.items),
                 "domains": domain_files,
@@ -251,8 +273,15 @@ class ItemIndex:
         return final
 
     @classmethod
-    def load(cls, path: Path, use_gpu: bool = False, ef_search: int | None = None) -> ItemIndex:
-        """Load one saved snapshot after verifying every file's checksum."""
+    def load(
+        cls,
+        path: Path,
+        use_gpu: bool = False,
+        ef_search: int | None = None,
+        scorer: str | None = None,
+    ) -> ItemIndex:
+        """Load one saved snapshot after verifying every file's checksum; with ``scorer`` given,
+        a snapshot built for another one is refused (its rows mean something else)."""
         try:
             manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
@@ -261,6 +290,11 @@ class ItemIndex:
             ) from exc
         if not manifest.get("complete"):
             raise ArtifactError(f"{path}: index is not marked complete", "manifest.json")
+        built_for = manifest.get("scorer", "text")  # snapshots older than scorers: text
+        if scorer is not None and built_for != scorer:
+            raise ArtifactError(
+                f"{path}: built for scorer {built_for!r}, not {scorer!r}", "manifest.json"
+            )
         verify_files(path, manifest["files"])
         items = []
         with open(path / "items.jsonl", encoding="utf-8") as fh:
@@ -276,6 +310,9 @@ class ItemIndex:
                     )
                 )
         vectors = np.load(path / "vectors.npy")
+        text_vectors = (
+            np.load(path / "text_vectors.npy") if "text_vectors.npy" in manifest["files"] else None
+        )
         indexes = {d: faiss.read_index(str(path / f)) for d, f in manifest["domains"].items()}
         if ef_search is not None and manifest["kind"] == "hnsw":
             for idx in indexes.values():
@@ -290,6 +327,8 @@ class ItemIndex:
             version=manifest["version"],
             use_gpu=use_gpu,
             indexes=indexes,
+            text_vectors=text_vectors,
+            scorer=built_for,
         )
 
 
@@ -328,12 +367,15 @@ class IndexStore:
         ]
         return ordered
 
-    def load_latest(self, use_gpu: bool = False, ef_search: int | None = None) -> ItemIndex | None:
-        """The newest snapshot that verifies; a corrupt one is logged and skipped, never served."""
+    def load_latest(
+        self, use_gpu: bool = False, ef_search: int | None = None, scorer: str | None = None
+    ) -> ItemIndex | None:
+        """The newest snapshot that verifies (and was built for ``scorer``, if given); a corrupt
+        or foreign one is logged and skipped, never served."""
         self.cleanup_partial()
         for path in self.candidates():
             try:
-                return ItemIndex.load(path, use_gpu=use_gpu, ef_search=ef_search)
+                return ItemIndex.load(path, use_gpu=use_gpu, ef_search=ef_search, scorer=scorer)
             except (ArtifactError, OSError, ValueError, KeyError, RuntimeError) as exc:
                 log.error("skipping index snapshot %s: %s", path, exc)
         return None

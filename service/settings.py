@@ -55,6 +55,15 @@ class Settings(BaseSettings):
         default="minilm-l6",
         description="Fallback encoder: a bundled name (minilm-l6, smollm2-135m) or a local HF dir.",
     )
+    zero_shot: Literal["mean", "text"] = Field(
+        default="mean",
+        description="How base_model is served when no trained model is. mean: a user is the "
+        "recency-weighted mean of the history items' LM vectors (the target domain's items when "
+        "it has some) and items get a popularity prior (cprec.hier.zero_shot_user / "
+        "zero_shot_items); a history given by item_id needs no forward pass, and its kind of "
+        "user ranks above text in the zero-shot rows of docs/benchmarks.md. text: the LM "
+        "encodes the whole history text, one forward per new history (the flat model's way).",
+    )
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
     dtype: str = Field(
         default="auto",

@@ -43,3 +43,39 @@ def admin() -> dict[str, str]:
 
 async def wait_job(client: httpx.AsyncClient, job_id: str, timeout: float = 60) -> dict[str, Any]:
     return await _wait_job(client, job_id, admin(), timeout)
+
+
+def publish_hier(
+    store_dir: Path,
+    lm_dir: Path,
+    model: Any,
+    version: str = "hier-v1",
+    aliases: tuple[str, ...] = ("production",),
+    **manifest: Any,
+) -> Any:
+    """Publish ``lm_dir`` (an HF folder) + ``model`` (a ``cprec.hier.HierRec``) as a ``hier``
+    artifact: the LM at the version's root, the HierRec under ``hier/``, all under the manifest's
+    checksums. Training does the same with ``ModelStore.publish(..., extra_files=...)``."""
+    import tempfile
+
+    from cprec.text import Template
+    from model_store import ModelStore
+
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = model.save_pretrained(Path(tmp) / "hier")
+        data: dict[str, Any] = {
+            "version": version,
+            "kind": "hier",
+            "base_model": str(lm_dir),
+            "pooling": "mean",
+            "dim": model.cfg.dim,
+            "max_length": 64,
+            "template": Template().model_dump(),
+            **manifest,
+        }
+        return ModelStore(store_dir).publish(
+            lm_dir,
+            data,
+            aliases=aliases,
+            extra_files={f"hier/{p.name}": p for p in sorted(saved.iterdir())},
+        )

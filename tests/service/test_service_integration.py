@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,6 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
+from cprec.hier import ZS_POP_WEIGHT
 from service.app import create_app
 from service.engine import Engine
 from service.settings import DEMO_CATALOG, Settings
@@ -52,6 +55,7 @@ async def test_minilm_coffee_history_recommends_coffee_groceries(
 ) -> None:
     client, engine = minilm_app
     assert engine.model_version == "base-minilm-l6" and engine.encoder.dim == 384
+    assert engine.scorer == "mean"  # the zero-shot default: no trained model in the store
     ready = (await client.get("/ready")).json()
     assert set(ready["domains"]) == {"Games", "Groceries", "Kitchen", "Movies", "Office"}
     hist = [
@@ -73,7 +77,10 @@ async def test_minilm_coffee_history_recommends_coffee_groceries(
     assert len(coffeeish) >= 3, groceries
     assert any("coffee" in t.lower() or "espresso" in t.lower() for t in groceries[:2]), groceries
     scores = [x["score"] for x in body["results"]["Groceries"]]
-    assert all(-1.0 <= s <= 1.0 for s in scores) and scores == sorted(scores, reverse=True)
+    # A cosine plus the popularity prior (cprec.hier.zero_shot_items).
+    rows = [json.loads(line) for line in DEMO_CATALOG.read_text().splitlines() if line.strip()]
+    top = 1.0 + ZS_POP_WEIGHT * math.log1p(max(r.get("popularity", 0) for r in rows))
+    assert all(-1.0 <= s <= top for s in scores) and scores == sorted(scores, reverse=True)
 
 
 async def test_minilm_by_id_and_redis_cache(
@@ -101,8 +108,10 @@ async def test_minilm_by_id_and_redis_cache(
         assert keys
         ttl = await raw.ttl(keys[0])
         assert 0 < ttl <= engine.settings.cache_ttl_s
+        # One zero-shot query per (history, target domain): a unit mean, then the prior's 1.
         vec = np.frombuffer(await raw.get(keys[0]), dtype=np.float32)
-        assert vec.shape == (384,) and abs(float(np.linalg.norm(vec)) - 1.0) < 1e-4
+        assert vec.shape == (385,) and abs(float(np.linalg.norm(vec[:384])) - 1.0) < 1e-4
+        assert vec[384] == 1.0
     finally:
         await raw.aclose()
 
