@@ -126,7 +126,10 @@ class HierRec(nn.Module):
         self.residual_row = {s: r + 1 for r, s in enumerate(ids)}
         self.domain_index = {d: i + 1 for i, d in enumerate(cfg.domains)}  # 0 = unknown domain
         self.adapter = ItemAdapter(cfg)
-        self.residual = nn.Embedding(cfg.residual_rows, cfg.dim) if cfg.residual_rows else None
+        # Row 0 (an item never seen in training) is the padding row: always zero, never trained.
+        self.residual = (
+            nn.Embedding(cfg.residual_rows, cfg.dim, padding_idx=0) if cfg.residual_rows else None
+        )
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.dim)
         self.dom_emb = nn.Embedding(len(cfg.domains) + 1, cfg.dim)
         self.ln = nn.LayerNorm(cfg.dim, eps=1e-12)
@@ -186,7 +189,7 @@ class HierRec(nn.Module):
         the index holds and the ones training scores against (unit vectors for ``cosine``)."""
         v = self.adapter(text_vecs)
         if use_residual and self.residual is not None and rows is not None:
-            v = v + self.residual(rows) * (rows > 0).unsqueeze(-1).to(v.dtype)
+            v = v + self.residual(rows)
         return F.normalize(v, dim=-1) if self.cfg.score == "cosine" else v
 
     # -- users ------------------------------------------------------------------------------

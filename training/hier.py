@@ -101,7 +101,9 @@ class HierTrainConfig(_Strict):
     seed: int = 2024
     threads: int | None = None
     target: str = Field(
-        default="fkloo", description="fkloo, or normalized:<name> (leave-one-out on that set)."
+        default="fkloo",
+        description="fkloo; normalized:<name> (leave-one-out on that set); toy (generated over "
+        "the demo catalogue, for smoke runs).",
     )
     lm: str = Field(default="minilm-l6", description="Bundled LM name or a local HF folder.")
     lm_max_length: int = 256
@@ -179,8 +181,38 @@ def domain_subsequences(seqs: Sequence[TrainSeq]) -> list[list[int]]:
     return out
 
 
+DEMO_CATALOG = REPO_ROOT / "service" / "data" / "demo_catalog.jsonl"
+
+
+def toy_target(n_users: int = 400, seed: int = 0) -> tuple[FKLOO, list[str]]:
+    """A generated dataset over the shipped demo catalogue, for smoke runs without the shared
+    data: each user walks forward through two domains' item lists (a learnable pattern)."""
+    from training.data import leave_one_out, read_catalogue
+
+    cat = read_catalogue(DEMO_CATALOG)
+    by: dict[str, list[int]] = {}
+    for it in cat.items:
+        by.setdefault(it.domain, []).append(it.item_id)
+    doms = sorted(by)
+    rng = np.random.default_rng(seed)
+    seqs = []
+    for u in range(n_users):
+        pick = [doms[i] for i in rng.choice(len(doms), size=2, replace=False)]
+        starts = {d: int(rng.integers(0, len(by[d]))) for d in pick}
+        ids: list[int] = []
+        for k in range(int(rng.integers(5, 12))):
+            d = pick[int(rng.integers(0, 2))]
+            ids.append(by[d][(starts[d] + k) % len(by[d])])
+        ids = list(dict.fromkeys(ids))
+        seqs.append(TrainSeq(f"toy{u}", ids, [cat.items[i].domain for i in ids]))
+    train, valid, test = leave_one_out(seqs)
+    return FKLOO(cat.items, train, valid, test, DEMO_CATALOG.parent), list(cat.external_ids)
+
+
 def load_target(target: str) -> tuple[FKLOO, list[str]]:
     """The target dataset and each item's catalogue id."""
+    if target == "toy":
+        return toy_target()
     if target == "fkloo":
         d = load_fkloo()
         return d, [str(it.item_id) for it in d.items]
@@ -322,10 +354,13 @@ class Trainer:
         # corpus domain index -> the model's domain embedding index
         self.dom_map = model.domain_ids(corpus.domains)
         self.bf16 = bf16
+        # autocast would cast the whole text matrix to bf16 on every step
+        self.text_lp = text.to(torch.bfloat16) if bf16 else text
         self._slices: dict[int, list[tuple[int, torch.Tensor | slice]]] = {}
 
     def table(self, lo: int, hi: int, use_residual: bool = True) -> torch.Tensor:
-        return self.model.item_vectors(self.text[lo:hi], self.rows[lo:hi], use_residual)
+        text = self.text_lp if torch.is_autocast_enabled("cpu") else self.text
+        return self.model.item_vectors(text[lo:hi], self.rows[lo:hi], use_residual)
 
     def _domain_slices(self, si: int) -> list[tuple[int, torch.Tensor | slice]]:
         """Per domain of source ``si``: (domain, the local columns of its items), a slice when
@@ -417,12 +452,13 @@ class Trainer:
 class StageLog:
     rows: list[dict[str, Any]] = field(default_factory=list)
     targets: int = 0
+    steps: int = 0
     train_s: float = 0.0
 
     def summary(self, name: str, **extra: Any) -> dict[str, Any]:
         return {
             "stage": name,
-            "steps": len([r for r in self.rows if "loss" in r]),
+            "steps": self.steps,
             "targets": self.targets,
             "train_s": round(self.train_s, 1),
             "targets_per_s": round(self.targets / max(self.train_s, 1e-9), 1),
@@ -463,6 +499,7 @@ def run_steps(
         opt.step()
         slog.train_s += time.perf_counter() - t0
         slog.targets += n
+        slog.steps += 1
         win += float(loss.detach())
         wn += 1
         if wn == log_every:
@@ -523,7 +560,7 @@ def train_hier(
     tt = torch.from_numpy(np.ascontiguousarray(text, dtype=np.float32))
     model = new_model(cfg, corpus, tt)
     trainer = Trainer(model, corpus, tt, cfg.model.softmax, bf16=resolve_bf16(cfg.bf16))
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.pretrain.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.pretrain.lr, fused=True)
     t_start = time.perf_counter()
     deadline = t_start + cfg.budget_minutes * 60 if cfg.budget_minutes else None
     stages: dict[str, Any] = {}
@@ -592,7 +629,7 @@ def train_hier(
         tgt = corpus.target_source
         seqs = tgt.mixed + (tgt.domain if f.domain_sequences else [])
         inp, tg = windows(seqs, ml)
-        opt2 = torch.optim.Adam(model.parameters(), lr=f.lr)
+        opt2 = torch.optim.Adam(model.parameters(), lr=f.lr, fused=True)
         if not cfg.pretrain.enabled:
             opt2 = opt  # same optimiser (and lr) a single-stage run would use
         slog = StageLog()
