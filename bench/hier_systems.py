@@ -125,10 +125,10 @@ def run_zeroshot_default(data, cases: list, make_row: Callable[..., dict[str, An
     from training.baselines import popularity_counts
     from training.evaluate import rank_topk
     from training.hier import HierTrainConfig, text_vectors
-    from training.hier_pipeline import CACHE_DIR
 
     t0 = time.perf_counter()
-    text, st = text_vectors(HierTrainConfig(progress=False), data.items, CACHE_DIR)
+    cfg = HierTrainConfig(progress=False)
+    text, st = text_vectors(cfg, data.items, cfg.cache_dir)
     tv = torch.from_numpy(text)
     items = zero_shot_items(tv, torch.from_numpy(popularity_counts(data.train, len(data.items))))
     users = np.stack(
@@ -255,9 +255,8 @@ def rank_foreign(run, d) -> list[list[int]]:  # type: ignore[no-untyped-def]
 
     from training.evaluate import rank_topk
     from training.hier import text_vectors
-    from training.hier_pipeline import CACHE_DIR
 
-    text, _ = text_vectors(run.cfg, d.items, CACHE_DIR)
+    text, _ = text_vectors(run.cfg, d.items, run.cfg.cache_dir)
     model = run.model.eval()
     tv = torch.from_numpy(np.ascontiguousarray(text, dtype=np.float32))
     with torch.inference_mode():

@@ -107,6 +107,10 @@ class HierTrainConfig(_Strict):
     )
     lm: str = Field(default="minilm-l6", description="Bundled LM name or a local HF folder.")
     lm_max_length: int = 256
+    cache_dir: Path = Field(
+        default=REPO_ROOT / "var" / "cache" / "quality",
+        description="Where LM item vectors are cached (keyed by LM, template, catalogue, dtype).",
+    )
     model: HierModelConfig = Field(default_factory=HierModelConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
@@ -115,7 +119,7 @@ class HierTrainConfig(_Strict):
         default=None, description="Wall cap on stages 1 + 2 (stage 2 stops at the epoch cut)."
     )
     valid_cases: int | None = Field(default=None, description="Valid cases for early stopping.")
-    bf16: Literal["auto", "on", "off"] = Field(
+    bf16: Literal["auto"] | bool = Field(
         default="auto", description="bf16 autocast of training steps (auto: CPUs with native bf16)."
     )
     progress: bool = True
@@ -268,7 +272,24 @@ def text_vectors(
         load_encoder,
     )
 
-    enc = load_encoder(cfg.lm, REPO_ROOT / "var" / "store", max_length=cfg.lm_max_length)
+    from cprec.lm import BUNDLED
+
+    if cfg.lm in BUNDLED:
+        enc = load_encoder(cfg.lm, REPO_ROOT / "var" / "store", max_length=cfg.lm_max_length)
+    else:  # a local HF folder, pooled as the service pools it
+        from transformers import AutoConfig
+
+        from cprec.lm import detect_pooling, is_decoder_config
+        from service.encoder import HFEncoder
+
+        path = Path(cfg.lm)
+        enc = HFEncoder(
+            path,
+            pooling=detect_pooling(path),
+            is_decoder=is_decoder_config(AutoConfig.from_pretrained(path)),
+            max_length=cfg.lm_max_length,
+            name=f"local-{path.name}",
+        )
     st = EncodeStats(f"{cfg.lm} item texts")
     vecs, cached = item_vectors(
         enc, items, DEFAULT_TEMPLATE, cache_dir, st, cfg.lm_max_length, cfg.progress
@@ -728,9 +749,9 @@ def cold_cases(corpus: Corpus, cases: Sequence[Case]) -> list[int]:
     return [k for k, c in enumerate(cases) if c.target not in seen]
 
 
-def resolve_bf16(pref: str) -> bool:
+def resolve_bf16(pref: str | bool) -> bool:
     if pref == "auto":
         from cprec.lm import cpu_has_fast_bf16
 
         return cpu_has_fast_bf16()
-    return pref == "on"
+    return bool(pref)

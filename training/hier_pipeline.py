@@ -38,7 +38,6 @@ from training.hier import (
 
 log = logging.getLogger(__name__)
 
-CACHE_DIR = REPO_ROOT / "var" / "cache" / "quality"
 
 
 @dataclass
@@ -58,11 +57,11 @@ class HierRun:
         return self.result.trainer.rank(cases, use_residual=use_residual)
 
 
-def run_hier(cfg: HierTrainConfig, cache_dir: Path = CACHE_DIR) -> HierRun:
+def run_hier(cfg: HierTrainConfig) -> HierRun:
     """Train one ``hier`` model; the LM item vectors are cached per catalogue."""
     t0 = time.perf_counter()
     corpus = build_corpus(cfg)
-    text, enc_stage = text_vectors(cfg, corpus.items, cache_dir)
+    text, enc_stage = text_vectors(cfg, corpus.items, cfg.cache_dir)
     res = train_hier(cfg, corpus, text, corpus.target.valid[: cfg.valid_cases])
     stages = [enc_stage]
     for key in ("pretrain", "finetune"):

@@ -82,7 +82,7 @@ def small_cfg(**kw) -> HierTrainConfig:  # type: ignore[no-untyped-def]
         "finetune": {"max_epochs": 3, "lr": 3e-3, "patience": 3},
         "batch_targets": 64,
         "progress": False,
-        "bf16": "off",
+        "bf16": False,
     }
     for k, v in kw.items():
         base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
