@@ -264,6 +264,7 @@ def text_vectors(
     cfg: HierTrainConfig, items: Sequence[FKItem], cache_dir: Path
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """[N, text_dim] LM vectors of the items' template text (cached on disk per catalogue)."""
+    from cprec.lm import BUNDLED
     from training.baselines import (
         DEFAULT_TEMPLATE,
         EncodeStats,
@@ -271,8 +272,6 @@ def text_vectors(
         item_vectors,
         load_encoder,
     )
-
-    from cprec.lm import BUNDLED
 
     if cfg.lm in BUNDLED:
         enc = load_encoder(cfg.lm, REPO_ROOT / "var" / "store", max_length=cfg.lm_max_length)

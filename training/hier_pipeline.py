@@ -39,7 +39,6 @@ from training.hier import (
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class HierRun:
     cfg: HierTrainConfig
