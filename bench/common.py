@@ -373,6 +373,9 @@ def run_service(
     # shared, oversubscribed machine a healthy local Redis can take longer than that to be
     # scheduled, which would turn cache hits into misses. 0.5 s keeps the cache measurable.
     env.setdefault("CPREC_REDIS_TIMEOUT_S", "0.5")
+    # The serving benchmarks measure the LM-over-history-text path (the flat kind), which the
+    # base model's default zero-shot scorer (mean of item vectors) would skip.
+    env.setdefault("CPREC_ZERO_SHOT", "text")
     env.pop("REDIS_URL", None)
     if redis_url:
         env["REDIS_URL"] = redis_url

@@ -6,17 +6,19 @@ Each system is the recipe ``configs/hier-cpu.yaml`` (``--hier-config``) with one
                            headline; also yields ``cprec-text-only`` (the same model served with
                            the residual off, as a catalogue added after training gets it)
   cprec-seed2              the same with another seed (seed spread)
-  hier-no-cpt              no stage 1: fine-tuning only, same wall budget
-  cprec-cosine             cosine instead of WSA in stage 1
-  cprec-domain-only        stage 1 on domain-specific sequences only
-  cprec-no-id              text vectors only (no item-ID residual)
+  cprec-short              the recipe at the ablations' shorter budget (``SHORT``)
+  hier-no-cpt              no stage 1: fine-tuning only, 3 epochs at most (about the same
+                           number of targets as cprec-short)
+  cprec-cosine             cprec-short with cosine instead of WSA in stage 1
+  cprec-domain-only        cprec-short, stage 1 on domain-specific sequences only
+  cprec-no-id              cprec-short with text vectors only (no item-ID residual)
   zeroshot-default         what the service answers with without a trained model
                            (``cprec.hier.zero_shot_user`` / ``zero_shot_items``)
   sci-cprec, sci-sasrec, sci-pop
                            Amazon Scientific (leave-one-out on ``amazon18_scientific_unisrec``):
                            the same recipe with no per-dataset tuning, SASRec, popularity
-  sci-unseen-cprec         trained on FK-LOO only (no Scientific anywhere), then Scientific
-                           ranked from text vectors alone
+  sci-unseen-cprec         the cprec model (trained on FK-LOO only: no Scientific item,
+                           sequence or domain) ranking Scientific from text vectors alone
 """
 
 from __future__ import annotations
@@ -31,26 +33,31 @@ import numpy as np
 HIER_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "hier-cpu.yaml"
 SCIENTIFIC = "amazon18_scientific_unisrec"
 
+# The ablations share a shorter common budget than the headline (the table says which): one CPT
+# epoch and at most two fine-tuning epochs, against ``cprec-short``, the recipe at that budget.
+SHORT = ["pretrain.epochs=1", "finetune.max_epochs=2"]
 HIER_SYSTEMS: dict[str, list[str]] = {
     "cprec": [],
     "cprec-seed2": ["seed=2025"],
-    "hier-no-cpt": ["pretrain.enabled=false"],
-    "cprec-cosine": ["pretrain.schedule.kind=cosine"],
-    "cprec-domain-only": ["pretrain.mixed_sequences=false"],
-    "cprec-no-id": ["model.id_residual=false"],
+    "cprec-short": SHORT,
+    "hier-no-cpt": ["pretrain.enabled=false", "finetune.max_epochs=3"],
+    "cprec-cosine": [*SHORT, "pretrain.schedule.kind=cosine"],
+    "cprec-domain-only": [*SHORT, "pretrain.mixed_sequences=false"],
+    "cprec-no-id": [*SHORT, "model.id_residual=false"],
 }
-SCI_SYSTEMS = ["sci-cprec", "sci-sasrec", "sci-pop", "sci-unseen-cprec"]
+SCI_SYSTEMS = ["sci-cprec", "sci-sasrec", "sci-pop"]
 OTHER_SYSTEMS = ["zeroshot-default", *SCI_SYSTEMS]
-DERIVED = {"cprec-text-only": "cprec"}
+DERIVED = {"cprec-text-only": "cprec", "sci-unseen-cprec": "cprec"}
 
 LABELS = {
     "cprec": "CPRec hier: CPT (WSA, mixed + domain sequences) + fine-tune",
     "cprec-seed2": "CPRec hier, second seed",
     "cprec-text-only": "CPRec hier served with the residual off (new-catalogue case)",
-    "hier-no-cpt": "hier, fine-tune only (no CPT)",
-    "cprec-cosine": "CPRec hier with a cosine CPT schedule",
-    "cprec-domain-only": "CPRec hier, CPT on domain-specific sequences only",
-    "cprec-no-id": "CPRec hier, text vectors only (no ID residual)",
+    "cprec-short": "CPRec hier at the ablation budget (CPT 1 epoch + fine-tune <= 2)",
+    "hier-no-cpt": "hier, fine-tune only (no CPT), 3 epochs at most",
+    "cprec-cosine": "cprec-short with a cosine CPT schedule",
+    "cprec-domain-only": "cprec-short, CPT on domain-specific sequences only",
+    "cprec-no-id": "cprec-short, text vectors only (no ID residual)",
     "zeroshot-default": "Zero-shot default: recency mean of MiniLM item vectors + popularity",
     "sci-cprec": "Scientific: CPRec hier, same config",
     "sci-sasrec": "Scientific: SASRec",
@@ -109,6 +116,19 @@ def run_hier_rows(
                 note="the cprec model, residual off: item and history vectors from text alone",
             )
         )
+        if SCIENTIFIC not in cfg.pretrain.datasets:
+            d = scientific_data()
+            rows.append(
+                sci_row(
+                    "sci-unseen-cprec",
+                    d,
+                    rank_foreign(run, d),
+                    wall,
+                    derived_from="cprec",
+                    pretrain_datasets=cfg.pretrain.datasets,
+                    note="no Scientific item, sequence or domain in training; residual off",
+                )
+            )
         out = Path(cfg.output_dir) / "bench-cprec"
         from training.hier_pipeline import write_outputs
 
@@ -226,24 +246,6 @@ def run_sci(name: str, cfg_path: Path, seed: int) -> list[dict[str, Any]]:
                 time.perf_counter() - t0,
                 stages=stage_rows(run),
                 history=run.result.history,
-            )
-        ]
-    if name == "sci-unseen-cprec":
-        # FK-LOO only: drop Scientific from stage 1 if the config lists it
-        cfg = hier_config("cprec", cfg_path)
-        cfg.pretrain.datasets = [x for x in cfg.pretrain.datasets if x != SCIENTIFIC]
-        run = run_hier(cfg)
-        d = scientific_data()
-        ranked = rank_foreign(run, d)
-        return [
-            sci_row(
-                name,
-                d,
-                ranked,
-                time.perf_counter() - t0,
-                stages=stage_rows(run),
-                pretrain_datasets=cfg.pretrain.datasets,
-                note="no Scientific item, sequence or domain in training; residual off",
             )
         ]
     raise KeyError(name)

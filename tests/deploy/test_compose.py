@@ -152,7 +152,7 @@ def test_store_volume_shared_and_data_read_only(config: dict[str, Any]) -> None:
     assert api["/var/lib/cprec"][0] == train["/var/lib/cprec"][0], "api and train share the store"
     train_env = _environment(config["services"]["train"])
     assert train_env["HF_HUB_OFFLINE"] == "1"
-    data_dir = train_env["CPREC_DATA_DIR"]
+    data_dir = train_env["CPREC_SHARED_DIR"]  # what training.fkloo.shared_dir() reads
     assert data_dir in train and train[data_dir][1], "training data must be mounted read-only"
 
 
