@@ -722,9 +722,31 @@ def hier_goals(run: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def hier_lines(run: dict[str, Any]) -> list[str]:
+def hier_lines(run: dict[str, Any], other: dict[str, Any] | None = None) -> list[str]:
+    """Cold-target table, Scientific table, the flat rows of ``other`` (the budget run: their
+    lists cover the whole test split) and the targets."""
     rows = run["rows"]
     lines: list[str] = []
+    flat = [
+        (n, r)
+        for n, r in (other or {}).items()
+        if n in FLAT_SYSTEMS and r.get("status") == "ok" and "test_full" in r
+    ]
+    if flat and any(n in rows for n in HIER):
+        lines += [
+            "",
+            "The flat dual encoder's rows (from the budget-mode run below; their lists cover the "
+            "whole test split, so these are full-test figures):",
+            "",
+            "| system | N@10 micro | N@10 Food | N@10 Kitchen | wall s |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for n, r in flat:
+            t = r["test_full"]
+            lines.append(
+                f"| {n} | {t['overall_micro']['NDCG@10']:.4f} | {t['Food']['NDCG@10']:.4f} | "
+                f"{t['Kitchen']['NDCG@10']:.4f} | {r.get('wall_s', 0):.0f} |"
+            )
     cold = [(n, r) for n in run["order"] if "test_cold" in (r := rows[n])]
     if cold:
         n_cold = cold[0][1]["test_cold"]["overall_micro"]["n"]
@@ -842,7 +864,8 @@ def markdown(q: dict[str, Any]) -> str:
         if notes:
             lines += ["", "Per row (status, stages, scorer checks):", *notes]
         lines += goal_lines(run)
-        lines += hier_lines(run)
+        other = q.get("runs", {}).get("budget", {}).get("rows") if mode == "full" else None
+        lines += hier_lines(run, other)
         anchors = q.get("anchors", {}).get(mode, {})
         if anchors:
             lines += [
@@ -958,18 +981,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             for r in run_system(ctx, s):
                 new_rows[r["system"]] = r
                 if r.get("status") == "ok":
-                    om = r["test_cmp"]["overall_micro"]
+                    om = (r.get("test_cmp") or r["test_full"])["overall_micro"]
                     log.info(
                         "%s: NDCG@10 %.4f Recall@10 %.4f on %d cases (%.0f s)",
                         r["system"],
                         om["NDCG@10"],
                         om["Recall@10"],
-                        r["cmp_cases"],
+                        om["n"],
                         r["wall_s"],
                     )
         except Exception as e:  # one broken system must not lose the others' results
             log.exception("%s failed", s)
-            new_rows[s] = unavailable(s, mode, "failed", f"{type(e).__name__}: {e}")
+            if new_rows.get(s, {}).get("status") == "ok":  # keep the row; a later step failed
+                new_rows[s]["error_after_row"] = f"{type(e).__name__}: {e}"
+            else:
+                new_rows[s] = unavailable(s, mode, "failed", f"{type(e).__name__}: {e}")
     wall = time.perf_counter() - t_all
     command = "python -m bench.quality " + " ".join(sys.argv[1:] if argv is None else argv)
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -281,8 +281,8 @@ def recency_weights(n: int, half_life: float = 3.0) -> torch.Tensor:
 # -- zero-shot (no trained artifact) ----------------------------------------------------------
 
 # The served default without a trained model: a recency-weighted mean of the history's LM item
-# vectors (target-domain items first) plus a popularity prior; chosen on FK-LOO valid, see
-# docs/decisions/ and bench/quality.py's ``zeroshot-default`` row.
+# vectors (target-domain items first) plus a popularity prior; chosen on FK-LOO valid by
+# bench/zeroshot_sweep.py, see docs/decisions/001-zero-shot-default.md.
 ZS_HALF_LIFE = 1.0
 ZS_POP_WEIGHT = 0.05
 
