@@ -65,6 +65,7 @@ from bench.hier_systems import (  # noqa: E402
     HIER_CONFIG,
     HIER_SYSTEMS,
     LABELS,
+    NOT_BUILT,
     OTHER_SYSTEMS,
     SCI_SYSTEMS,
 )
@@ -380,7 +381,7 @@ def fill_missing(rows: dict[str, Any], mode: str, args: argparse.Namespace) -> l
     for s in ALL_SYSTEMS:
         if s in rows or (mode == "budget" and s in HIER + OTHER_SYSTEMS):
             continue
-        why = pipeline_missing(s, mode, args) if s in PIPELINE_SYSTEMS else None
+        why = pipeline_missing(s, mode, args) if s in PIPELINE_SYSTEMS else NOT_BUILT.get(s)
         rows[s] = (
             unavailable(s, mode, "not available", why)
             if why
@@ -498,6 +499,8 @@ def run_hier_system(ctx: Ctx, system: str) -> list[dict[str, Any]]:
         return make_row(ctx, name, ctx.data.test, ranked, wall, kind="hier", **extra)
 
     cfg = Path(ctx.args.hier_config)
+    if system in hs.NOT_BUILT:
+        return [unavailable(system, ctx.mode, "not available", hs.NOT_BUILT[system])]
     if system in HIER_SYSTEMS:
         return hs.run_hier_rows(system, cfg, list(ctx.data.test), row)
     if system == "zeroshot-default":
