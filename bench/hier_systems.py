@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-HIER_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "hier-cpu.yaml"
+REPO = Path(__file__).resolve().parent.parent
+HIER_CONFIG = REPO / "configs" / "hier-cpu.yaml"
 SCIENTIFIC = "amazon18_scientific_unisrec"
 
 # The ablations share a shorter common budget than the headline (the table says which): one CPT
@@ -180,10 +181,11 @@ def scientific_data():  # type: ignore[no-untyped-def]
 
 
 def sci_row(name: str, data, ranked, wall: float, **extra: Any) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    from bench.quality import LISTS, REPO, slim
+    # not from bench.quality: run as ``python -m bench.quality`` it is __main__, and importing
+    # it again would load a second copy of the module
     from training.evaluate import compute_metrics, write_topk_jsonl
 
-    path = LISTS.parent / "scientific" / f"{name}.test.jsonl.gz"
+    path = REPO / "bench" / "results" / "scientific" / f"{name}.test.jsonl.gz"
     write_topk_jsonl(path, data.test, ranked)
     m = compute_metrics(ranked, data.test, data.items, name=name, split="test")
     return {
@@ -195,7 +197,10 @@ def sci_row(name: str, data, ranked, wall: float, **extra: Any) -> dict[str, Any
         "list_cases": len(data.test),
         "list_file": str(path.relative_to(REPO)),
         "wall_s": round(wall, 1),
-        "test_full": slim(m),
+        "test_full": {
+            g: {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
+            for g, row in m["metrics"].items()
+        },
         **extra,
     }
 

@@ -839,6 +839,15 @@ def markdown(q: dict[str, Any]) -> str:
         ]
         for name in run["order"]:
             r = run["rows"][name]
+            if r.get("status") == "ok" and r.get("kind") == "hier":
+                ov = r.get("overrides")
+                budget = (
+                    f"; `{r['hier_config']}` with {', '.join(f'`{o}`' for o in ov) or 'no change'}"
+                    if r.get("hier_config")
+                    else ""
+                )
+                train = f", {r['train_s']:.0f} s of training" if r.get("train_s") else ""
+                notes.append(f"- `{name}`: {r.get('label', name)}{budget}{train}")
             if r.get("status") == "ok" and r.get("stages"):
                 st = "; ".join(
                     f"{s['stage']}: {s.get('wall_s', '-')} s"
