@@ -303,27 +303,13 @@ def text_vectors(
 
 
 def windows(seqs: Sequence[Sequence[int]], max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every (prefix -> next item) pair packed into windows: ``inputs`` [W, max_len] global ids
-    (-1 = padding), ``targets`` [W, max_len] (-1 = no target). A sequence of <= max_len + 1 items
-    is one window (position t predicts item t+1); each later item adds a window of its last
-    ``max_len`` predecessors with one target (the truncation RecBole's augmentation uses)."""
-    rows: list[tuple[np.ndarray, np.ndarray]] = []
-    for s in seqs:
-        a = np.asarray(s, dtype=np.int64)
-        if len(a) < 2:
-            continue
-        head = a[: max_len + 1]
-        rows.append((head[:-1], head[1:]))
-        for t in range(max_len + 1, len(a)):
-            tg = np.full(max_len, -1, dtype=np.int64)
-            tg[-1] = a[t]
-            rows.append((a[t - max_len : t], tg))
-    inp = np.full((len(rows), max_len), -1, dtype=np.int64)
-    tgt = np.full((len(rows), max_len), -1, dtype=np.int64)
-    for w, (x, y) in enumerate(rows):
-        inp[w, : len(x)] = x
-        tgt[w, : len(y)] = y
-    return inp, tgt
+    """SASRec's packing of every (prefix -> next item) pair (``training.sasrec.build_windows``)
+    with unshifted ids: ``inputs`` [W, max_len] global ids (-1 = padding), ``targets``
+    [W, max_len] (-1 = no target)."""
+    from training.sasrec import build_windows
+
+    inp, tgt, _ = build_windows(seqs, max_len)
+    return inp - 1, tgt
 
 
 @dataclass
@@ -398,8 +384,8 @@ class Trainer:
 
     def loss(self, b: Batch) -> tuple[torch.Tensor, int]:
         """Mean cross-entropy of every target in the batch over its domain's items (or the
-        source's whole catalogue). Computed per domain on that domain's columns only: on FK
-        that is ~4x cheaper than masking a [targets, all items] matrix."""
+        source's whole catalogue). Computed per domain on that domain's columns only, which is
+        far cheaper than masking a [targets, all items] matrix (decisions/002-hier-recipe.md)."""
         src = self.corpus.sources[b.source]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             table = self.table(src.lo, src.hi)  # [n_src, dim]

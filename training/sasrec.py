@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from cprec.hier import Block
 from training.evaluate import compute_metrics, ndcg_at_10_micro, rank_from_scores
 from training.fkloo import Case, FKItem
 
@@ -57,37 +58,6 @@ class SASRecConfig:
     max_train_s: float | None = None
 
 
-class _Block(nn.Module):
-    """Post-LN transformer block as in RecBole: x = LN(x + drop(attn(x))); x = LN(x + drop(ffn(x))).
-
-    Attention goes through ``scaled_dot_product_attention`` (causal, attention dropout inside):
-    the same maths as ``nn.MultiheadAttention`` with a fused kernel.
-    """
-
-    def __init__(self, cfg: SASRecConfig) -> None:
-        super().__init__()
-        self.heads = cfg.heads
-        self.attn_dropout = cfg.attn_dropout
-        self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden)
-        self.out = nn.Linear(cfg.hidden, cfg.hidden)
-        self.drop1 = nn.Dropout(cfg.dropout)
-        self.ln1 = nn.LayerNorm(cfg.hidden, eps=1e-12)
-        self.ff1 = nn.Linear(cfg.hidden, cfg.ffn)
-        self.ff2 = nn.Linear(cfg.ffn, cfg.hidden)
-        self.drop2 = nn.Dropout(cfg.dropout)
-        self.ln2 = nn.LayerNorm(cfg.hidden, eps=1e-12)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(  # [B, heads, T, d/heads]
-            q, k, v, is_causal=True, dropout_p=self.attn_dropout if self.training else 0.0
-        )
-        a = self.out(a.transpose(1, 2).reshape(b, t, d))  # [B, T, H]
-        x = self.ln1(x + self.drop1(a))
-        return self.ln2(x + self.drop2(self.ff2(F.gelu(self.ff1(x)))))
-
-
 class SASRec(nn.Module):
     """Item ids are shifted by one inside the model: 0 is padding."""
 
@@ -99,7 +69,10 @@ class SASRec(nn.Module):
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.hidden)
         self.ln = nn.LayerNorm(cfg.hidden, eps=1e-12)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.layers))
+        self.blocks = nn.ModuleList(
+            Block(cfg.hidden, cfg.heads, cfg.ffn, cfg.dropout, cfg.attn_dropout)
+            for _ in range(cfg.layers)
+        )
         self.apply(self._init)
 
     @staticmethod
