@@ -160,7 +160,7 @@ def dtype_agreement(fk: FKData, model: str = "minilm-l6") -> dict[str, Any]:
     """Cosine between the service's default-dtype vectors and fp32 ones for the same texts.
 
     The CPU default is bf16 where the CPU has it natively; that is only worth its speed while the
-    vectors stay where fp32 puts them (issue 5: within cosine 0.9999). Held-out histories and
+    vectors stay where fp32 puts them (within cosine ``BF16_COS``). Held-out histories and
     catalogue titles, each encoded alone so that only the dtype differs.
     """
     default = make_encoder(model, dtype="auto")
@@ -239,7 +239,7 @@ MIN_HITS = 50  # top-10 hits of the fp32 run below which a 2% quality difference
 # A vector encoded in a batch vs alone: fp32 gives 1.0 and bf16 rounding ~1 - 1.3e-5 (the
 # default dtype's own row in bench/results/encoder.json); dynamic int8 gave 0.968.
 BATCH_COS = 1 - 1e-4
-BF16_COS = 0.9999  # issue 5: bf16 weights on CPU only where vectors stay this close to fp32
+BF16_COS = 0.9999  # bf16 weights on CPU only where vectors stay this close to fp32
 
 
 def int8_decision(quant: dict[str, Any], q_rows: list[dict[str, Any]]) -> tuple[bool, str]:

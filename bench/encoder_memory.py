@@ -25,9 +25,8 @@ def _child(batches: int) -> dict[str, Any]:
 
     import psutil
 
-    import service  # noqa: F401 - applies the service's oneDNN default unless the env sets one
+    from cprec.encoder import HFEncoder
     from cprec.lm import bundled_dir
-    from service.encoder import HFEncoder
 
     proc = psutil.Process()
     enc = HFEncoder(

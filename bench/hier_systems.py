@@ -13,7 +13,7 @@ Each system is the recipe ``configs/hier-cpu.yaml`` (``--hier-config``) with one
   cprec-domain-only        cprec-short, stage 1 on domain-specific sequences only
   cprec-no-id              cprec-short with text vectors only (no item-ID residual)
   zeroshot-default         what the service answers with without a trained model
-                           (``cprec.hier.zero_shot_user`` / ``zero_shot_items``)
+                           (``cprec.hier.zero_shot_query`` / ``zero_shot_items``)
   sci-cprec, sci-sasrec, sci-pop
                            Amazon Scientific (leave-one-out on ``amazon18_scientific_unisrec``):
                            the same recipe with no per-dataset tuning, SASRec, popularity
@@ -147,27 +147,22 @@ def run_hier_rows(
 
 def run_zeroshot_default(data, cases: list, make_row: Callable[..., dict[str, Any]]):  # type: ignore[no-untyped-def]
     """The service's default without a trained model, through the functions it uses."""
-    import torch
-
-    from cprec.hier import zero_shot_items, zero_shot_user
+    from cprec.hier import zero_shot_items, zero_shot_query
     from training.baselines import popularity_counts
     from training.evaluate import rank_topk
     from training.hier import HierTrainConfig, text_vectors
 
     t0 = time.perf_counter()
     cfg = HierTrainConfig(progress=False)
-    text, st = text_vectors(cfg, data.items, cfg.cache_dir)
-    tv = torch.from_numpy(text)
-    items = zero_shot_items(tv, torch.from_numpy(popularity_counts(data.train, len(data.items))))
+    text, st = text_vectors(cfg, data.items, cfg.cache_dir)  # [N, D]
+    items = zero_shot_items(text, popularity_counts(data.train, len(data.items)))  # [N, D + 1]
     users = np.stack(
         [
-            zero_shot_user(tv[c.history], [data.items[i].domain for i in c.history], c.domain)
-            .float()
-            .numpy()
+            zero_shot_query(text[c.history], [data.items[i].domain for i in c.history], c.domain)
             for c in cases
         ]
-    )
-    ranked = rank_topk(users, items.numpy(), cases, data.items)
+    )  # [B, D + 1]
+    ranked = rank_topk(users, items, cases, data.items)
     return [make_row("zeroshot-default", ranked, time.perf_counter() - t0, stages=[st])]
 
 

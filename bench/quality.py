@@ -13,7 +13,7 @@ Systems (``--systems``):
   zeroshot-smollm2    the same with bundled SmolLM2-135M (last-token pooling)
   sasrec              compact SASRec on the mixed sequences (training/sasrec.py)
   finetune-only, cprec, cprec-cosine, cprec-domain-only, cprec-idres
-                      from the training pipeline (``training.pipeline.run_system``) with the
+                      from the training pipeline (``bench.flat_systems.run_system``) with the
                       config ``--train-config`` (default ``configs/quality-<mode>.yaml``; full
                       mode falls back to ``configs/gpu-full.yaml``, which needs CUDA); they show
                       "not available" (with the reason) when that module or config is missing.
@@ -40,7 +40,7 @@ Modes:
 Outputs: ``bench/results/fk_loo/<row>.test.jsonl.gz`` (``.test.subset.jsonl.gz`` when a row only
 covers the sample), ``bench/results/quality.json`` (per mode; rows of earlier runs of the same
 mode are kept unless re-run), a rich table, and the section of ``docs/benchmarks.md`` between
-``<!-- quality:start -->`` and ``<!-- quality:end -->``.
+its ``quality`` markers (``bench.common.write_section``).
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from bench.common import DOCS, write_section  # noqa: E402
+from bench.flat_systems import ROWS as FLAT_SYSTEMS  # noqa: E402
 from bench.hier_systems import (  # noqa: E402
     DERIVED,
     HIER_CONFIG,
@@ -69,13 +71,14 @@ from bench.hier_systems import (  # noqa: E402
     OTHER_SYSTEMS,
     SCI_SYSTEMS,
 )
+from training.dataset import Case, Dataset  # noqa: E402
 from training.evaluate import (  # noqa: E402
     METRICS,
     compute_metrics,
     read_topk_jsonl,
     write_topk_jsonl,
 )
-from training.fkloo import FKLOO, Case, fkloo_dir, load_fkloo  # noqa: E402
+from training.fkloo import fkloo_dir, load_fkloo  # noqa: E402
 
 log = logging.getLogger("bench.quality")
 
@@ -83,20 +86,11 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 LISTS = RESULTS / "fk_loo"
 QUALITY_JSON = RESULTS / "quality.json"
-DOCS = REPO / "docs" / "benchmarks.md"
 CACHE = REPO / "var" / "cache" / "quality"
 STORE = REPO / "var" / "store"  # where the service keeps converted bundled bases
-START, END = "<!-- quality:start -->", "<!-- quality:end -->"
 
 BASELINES = ["pop", "zeroshot-minilm", "zeroshot-smollm2", "sasrec"]
-# The flat LLM-Rec dual encoder's rows: row name -> training.pipeline.SYSTEMS key.
-FLAT_SYSTEMS = {
-    "flat-finetune-only": "finetune-only",
-    "flat": "cprec",
-    "flat-cosine": "cprec-cosine",
-    "flat-domain-only": "cprec-domain-only",
-    "flat-idres": "cprec-idres",
-}
+# The flat LLM-Rec dual encoder's rows (row name -> bench.flat_systems.SYSTEMS key): FLAT_SYSTEMS.
 PIPELINE_SYSTEMS = list(FLAT_SYSTEMS)
 HIER = list(HIER_SYSTEMS)
 ALL_SYSTEMS = BASELINES + PIPELINE_SYSTEMS + HIER + OTHER_SYSTEMS
@@ -213,7 +207,7 @@ def rescore(path: Path, ours: dict[str, Any]) -> dict[str, Any]:
 class Ctx:
     """What every system runner needs: the data, the comparison cases, the mode and options."""
 
-    def __init__(self, data: FKLOO, sample: FKLOO | None, mode: str, args: argparse.Namespace):
+    def __init__(self, data: Dataset, sample: Dataset | None, mode: str, args: argparse.Namespace):
         self.data = data  # full split
         self.sample = sample  # budget: the fixed user sample (valid/test); None in full mode
         self.mode = mode
@@ -403,11 +397,9 @@ def train_config_path(mode: str, args: argparse.Namespace) -> Path:
 def pipeline_missing(system: str, mode: str, args: argparse.Namespace) -> str | None:
     """Why a CPRec-family row cannot run (None when it can)."""
     try:
-        from training.pipeline import SYSTEMS
-    except Exception as e:  # the pipeline is another module's work; say why instead of failing
+        import training.pipeline  # noqa: F401
+    except Exception as e:  # say why instead of failing the other rows
         return f"training.pipeline not importable: {type(e).__name__}: {e}"
-    if FLAT_SYSTEMS.get(system) not in SYSTEMS:
-        return f"training.pipeline.SYSTEMS has no {FLAT_SYSTEMS.get(system)!r}"
     path = train_config_path(mode, args)
     if not path.exists():
         rel = path.relative_to(REPO) if path.is_relative_to(REPO) else path
@@ -430,9 +422,9 @@ def run_pipeline_system(ctx: Ctx, system: str) -> list[dict[str, Any]]:
     why = pipeline_missing(system, ctx.mode, ctx.args)
     if why:
         return [unavailable(system, ctx.mode, "not available", why)]
+    from bench.flat_systems import run_system as run_flat
     from training.config import load_config
     from training.data import load_data
-    from training.pipeline import run_system
 
     cfg_path = train_config_path(ctx.mode, ctx.args)
     cfg = load_config(cfg_path)
@@ -452,7 +444,7 @@ def run_pipeline_system(ctx: Ctx, system: str) -> list[dict[str, Any]]:
     t0 = time.perf_counter()
     data = load_data(cfg.data)
     cases = list(ctx.data.test)  # every test user (scorer-valid file); the sample is a subset
-    res = run_system(FLAT_SYSTEMS[system], cfg, data, cases={"test": cases})
+    res = run_flat(FLAT_SYSTEMS[system], cfg, data, cases={"test": cases})
     ext = [[int(data.external_ids[i]) for i in lst] for lst in res.ranked["test"]]
     stages = []
     for st in ("cpt", "finetune"):
@@ -803,10 +795,9 @@ def hier_lines(run: dict[str, Any], other: dict[str, Any] | None = None) -> list
 
 def markdown(q: dict[str, Any]) -> str:
     lines = [
-        START,
         "## Quality (FK-LOO)",
         "",
-        "Generated by `bench/quality.py` from `bench/results/quality.json`; do not edit by hand.",
+        "From `bench/results/quality.json`.",
         "Protocol: `<shared>/benchmarks/fk_loo/README.md` (full ranking over the target domain, "
         "history masked, 50 ids per case). Metrics are micro over the cases unless named; "
         "`N@10 full test` is the whole 9,398-case test split when the row's lists cover it "
@@ -897,23 +888,12 @@ def markdown(q: dict[str, Any]) -> str:
         if run.get("notes"):
             lines += ["", *[f"- {n}" for n in run["notes"]]]
         lines.append("")
-    lines.append(END)
     return "\n".join(lines)
 
 
 def write_docs(section: str) -> None:
     """Replace only our marked section; the rest of the file belongs to other benchmarks."""
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    text = DOCS.read_text(encoding="utf-8") if DOCS.exists() else "# Benchmarks\n\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        tail = rest.split(END, 1)[1]
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    tmp = DOCS.with_name(DOCS.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(DOCS)
+    write_section("quality", section, "python -m bench.quality", DOCS)
 
 
 # -- main --------------------------------------------------------------------------------------

@@ -39,7 +39,8 @@ def clustered(n: int, seed: int, n_clusters: int = 2000) -> np.ndarray:
 
 def exact(batch_sizes: list[int], min_s: float) -> list[dict[str, Any]]:
     """Per domain, per OpenMP thread count (the service's 1 vs all cores), per batch size."""
-    from service.index import Item, ItemIndex, configure_faiss
+    from service.catalog import Item
+    from service.index import ItemIndex, configure_faiss
 
     items, vecs = [], []
     for d, n in FK_DOMAINS.items():

@@ -45,7 +45,7 @@ from bench.common import (
     write_catalog,
 )
 from service.batcher import padding_groups
-from service.settings import CPU_MAX_FORWARD_TOKENS, CPU_MAX_PADDING
+from service.settings import Settings
 
 
 def catalog_for(fk: FKData, n_items: int | None) -> list[dict]:
@@ -159,14 +159,14 @@ def raw_limit(
     in arrival order, cycled), so every batch size sees the same token mix: with fewer sequences
     at batch 1 a few short histories would inflate the limit. ``padded`` is one forward per
     batch; ``split`` cuts each batch into length-sorted forwards with the service's CPU rule
-    (``padding_groups``, <= 25% padding, <= 2048 padded tokens a forward), so the service's
-    best path has a raw twin.
+    (``padding_groups`` with ``Tuning.for_device("cpu")``), so the service's best path has a
+    raw twin.
 
     Several distinct cohorts per batch size (``RAW_HISTORIES``: 4 batches of 32), as the
     service never sees one cohort twice: one cohort repeated ran more tokens/s than varied
-    cohorts, an edge the service's forwards can never have (perf, issue 5; figures in the
-    commit log)."""
+    cohorts, an edge the service's forwards can never have."""
     n_seq = len(ids) - len(ids) % max(batch_sizes)  # whole batches at every size
+    cpu = Settings().tuning.for_device("cpu")  # the service's CPU split rule
     out = {}
     for bs in batch_sizes:
         batches = [ids[i : i + bs] for i in range(0, n_seq, bs)]
@@ -177,7 +177,7 @@ def raw_limit(
                 [b[i] for i in g]
                 for b in batches
                 for g in padding_groups(
-                    [len(x) for x in b], CPU_MAX_PADDING, CPU_MAX_FORWARD_TOKENS
+                    [len(x) for x in b], cpu.batch_max_padding, cpu.batch_max_forward_tokens
                 )
             ]
             el, n, _ = timed_core(enc, split, min_s)
@@ -193,15 +193,16 @@ async def bench_model(
     redis_url: str,
     plan: dict[str, Any],
 ) -> dict[str, Any]:
-    common = {"CPREC_BASE_MODEL": model, "CPREC_MAX_BATCH_SIZE": "32"}
+    common = {"CPREC_BASE_MODEL": model, "CPREC_TUNING__MAX_BATCH_SIZE": "32"}
     # The first service builds and saves the index; the others load the same snapshot.
-    # "on" is the service default (CPREC_BATCH_MAX_PADDING=auto: on CPU each coalesced batch is
-    # length-sorted and split into forwards with <= 25% padding; on a GPU one padded forward);
+    # "on" is the service default (CPREC_TUNING__BATCH_MAX_PADDING=auto: on CPU each coalesced
+    # batch is length-sorted and split into forwards with <= 25% padding; on a GPU one padded
+    # forward);
     # "on-single" forces one padded forward per coalesced batch.
     configs = {
         "on": {"CPREC_BATCHING": "true"},
         "off": {"CPREC_BATCHING": "false"},
-        "on-single": {"CPREC_BATCHING": "true", "CPREC_BATCH_MAX_PADDING": "none"},
+        "on-single": {"CPREC_BATCHING": "true", "CPREC_TUNING__BATCH_MAX_PADDING": "none"},
     }
     with contextlib.ExitStack() as stack:
         # the services' shared store (saved index), removed with them
@@ -378,7 +379,7 @@ async def service_ceiling(
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cprec-bench-tiny-")))
         model = build_tiny_bert(tmp / "tiny-bert", bundled_dir("minilm-l6", tmp))
-        settings = {"CPREC_BASE_MODEL": str(model), "CPREC_MAX_BATCH_SIZE": "32"}
+        settings = {"CPREC_BASE_MODEL": str(model), "CPREC_TUNING__MAX_BATCH_SIZE": "32"}
         svc = stack.enter_context(run_service(catalog, redis_url, settings))
         await drive(svc.url, fresh(8), 8, 8, 60)  # warm-up, not counted
         for _ in range(cfg["rounds"]):

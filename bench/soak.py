@@ -43,11 +43,11 @@ import httpx
 import numpy as np
 import psutil
 
-from bench.common import free_port, redis_server_argv
+from bench.common import DOCS, free_port, redis_server_argv, write_section
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "soak.json"
-DOC = REPO / "docs" / "benchmarks.md"
+DOC = DOCS
 TOKEN = "soak-admin-token-5b1d"
 REDIS_RETRY_S = 2.0
 
@@ -134,7 +134,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         "CPREC_STORE_DIR": str(work / "store"),
         "CPREC_ADMIN_TOKEN": TOKEN,
         "REDIS_URL": f"redis://127.0.0.1:{redis.port}/0",
-        "CPREC_REDIS_RETRY_S": str(REDIS_RETRY_S),
+        "CPREC_TUNING__REDIS_RETRY_S": str(REDIS_RETRY_S),
         "CPREC_BASE_MODEL": args.model,
         "CPREC_LOG_LEVEL": "WARNING",
         "CPREC_FAISS_GPU": "false",
@@ -374,7 +374,7 @@ def table(res: dict[str, Any]) -> str:
 def write_doc(res: dict[str, Any]) -> None:
     ev = res["events_s"]
     body = (
-        f"<!-- soak:start -->\n## Soak (`python -m bench.soak`)\n\n"
+        f"## Soak (`python -m bench.soak`)\n\n"
         f"{res['duration_s']} s at concurrency {res['concurrency']} against `python -m "
         f"service` ({res['model']}, CPU, {res['catalogue_items']}-item demo catalogue, private "
         f"redis-server), half cache-hit and half cache-miss traffic; a full reindex of every "
@@ -383,16 +383,9 @@ def write_doc(res: dict[str, Any]) -> None:
         f"{ev['redis_start']} s (the cache is skipped for {REDIS_RETRY_S:g} s after a "
         f"failure). {res['requests']} requests, {res['rps']} req/s overall; {res['date']}, "
         f"{res['machine']['cpus']} shared cores. Raw: `bench/results/soak.json`.\n\n"
-        f"{table(res)}\n<!-- soak:end -->"
+        f"{table(res)}"
     )
-    text = DOC.read_text(encoding="utf-8") if DOC.exists() else "# Benchmarks\n"
-    if "<!-- soak:start -->" in text and "<!-- soak:end -->" in text:
-        a = text.index("<!-- soak:start -->")
-        b = text.index("<!-- soak:end -->") + len("<!-- soak:end -->")
-        text = text[:a] + body + text[b:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + body + "\n"
-    DOC.write_text(text, encoding="utf-8")
+    write_section("soak", body, "python -m bench.soak", DOC)
 
 
 def main() -> None:

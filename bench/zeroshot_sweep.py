@@ -44,7 +44,7 @@ def main() -> int:
             for r, c in enumerate(cases):
                 h = [i for i in c.history if d.items[i].domain == c.domain] if same else []
                 h = h or list(c.history)
-                w = recency_weights(len(h), hl).numpy()[:, None]
+                w = recency_weights(len(h), hl)[:, None]  # [n, 1]
                 x = (w * v[h]).sum(0)
                 u[r, :-1] = x / max(float(np.linalg.norm(x)), 1e-12)
             for beta in BETAS:

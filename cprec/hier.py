@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -271,38 +273,39 @@ def is_hier_dir(path: str | Path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
 
 
-def recency_weights(n: int, half_life: float = 3.0) -> torch.Tensor:
+def recency_weights(n: int, half_life: float = 3.0) -> np.ndarray:
     """Weights of a history's n items, oldest first: the latest counts 1, one ``half_life``
-    items back counts 1/2 (the zero-shot user vector's mean)."""
-    age = torch.arange(n - 1, -1, -1, dtype=torch.float32)
-    return torch.exp(-age * math.log(2.0) / max(half_life, 1e-6))
+    items back counts 1/2 (the zero-shot user vector's mean). [n] float64."""
+    age = np.arange(n - 1, -1, -1, dtype=np.float64)
+    return np.exp(-age * math.log(2.0) / max(half_life, 1e-6))
 
 
 # -- zero-shot (no trained artifact) ----------------------------------------------------------
 
 # The served default without a trained model: a recency-weighted mean of the history's LM item
 # vectors (target-domain items first) plus a popularity prior; chosen on FK-LOO valid by
-# bench/zeroshot_sweep.py, see docs/decisions/001-zero-shot-default.md.
+# bench/zeroshot_sweep.py, see docs/decisions/001-zero-shot-default.md. Plain numpy: the service
+# computes it on the event loop (a torch op would wait behind the device thread's forwards) and
+# the offline evaluator calls the same functions.
 ZS_HALF_LIFE = 1.0
 ZS_POP_WEIGHT = 0.05
 
 
-def zero_shot_user(
-    text_vecs: torch.Tensor, domains: list[str], target_domain: str | None
-) -> torch.Tensor:
+def zero_shot_query(lm: np.ndarray, domains: Sequence[str], target: str | None) -> np.ndarray:
     """[T, D] unit LM vectors of a history (oldest first) and their domains -> [D + 1] query:
     the recency-weighted mean of the target domain's items (all items when it has none),
     unit-normalised, then a trailing 1 that multiplies the items' popularity column."""
-    pick = [i for i, d in enumerate(domains) if d == target_domain] if target_domain else []
+    pick = [i for i, d in enumerate(domains) if d == target] if target else []
     idx = pick or list(range(len(domains)))
-    v = text_vecs[idx].float()
-    w = recency_weights(len(idx), ZS_HALF_LIFE).to(v.device)
-    u = F.normalize((w[:, None] * v).sum(0), dim=-1)
-    return torch.cat([u, u.new_ones(1)])
+    v = np.asarray(lm)[idx].astype(np.float64)  # [n, D]
+    u = (recency_weights(len(idx), ZS_HALF_LIFE)[:, None] * v).sum(0)
+    u /= max(float(np.linalg.norm(u)), 1e-12)
+    return np.concatenate([u, [1.0]]).astype(np.float32)
 
 
-def zero_shot_items(text_vecs: torch.Tensor, popularity: torch.Tensor) -> torch.Tensor:
-    """[N, D] unit LM item vectors and [N] interaction counts -> [N, D + 1] index rows, so an
-    inner product with ``zero_shot_user`` is cosine + ZS_POP_WEIGHT * log(1 + count)."""
-    prior = ZS_POP_WEIGHT * torch.log1p(popularity.float().clamp(min=0))
-    return torch.cat([text_vecs.float(), prior[:, None]], dim=1)
+def zero_shot_items(lm: np.ndarray, popularity: Sequence[float] | np.ndarray) -> np.ndarray:
+    """[N, D] unit LM item vectors and [N] interaction counts -> [N, D + 1] float32 index rows,
+    so an inner product with ``zero_shot_query`` is cosine + ZS_POP_WEIGHT * log(1 + count)."""
+    pop = np.maximum(np.asarray(popularity, dtype=np.float32).reshape(-1), 0.0)
+    prior = (ZS_POP_WEIGHT * np.log1p(pop)).astype(np.float32)
+    return np.concatenate([np.asarray(lm, dtype=np.float32), prior[:, None]], axis=1)

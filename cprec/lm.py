@@ -121,6 +121,38 @@ def _convert_gguf(pkg_dir: Path, gguf_file: str, target: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@dataclass(frozen=True, slots=True)
+class LMSource:
+    """A base LM resolved to a plain HF folder, with how it pools and the name it is served as."""
+
+    path: Path
+    pooling: Pooling
+    is_decoder: bool
+    version: str  # ``base-<bundled name>`` or ``local-<folder name>``
+
+
+def resolve_base_model(name: str, cache_dir: Path) -> LMSource:
+    """A bundled name (``minilm-l6``, ``smollm2-135m``) or a local HF folder -> its folder.
+
+    The one resolution of a base model, for serving and training alike. A bundled SmolLM2 is
+    converted from its GGUF into ``cache_dir/bases/`` once; a local folder's pooling follows its
+    architecture. Anything else raises :class:`FileNotFoundError` saying what is accepted.
+    """
+    if name in BUNDLED:
+        spec = BUNDLED[name]
+        return LMSource(bundled_dir(name, cache_dir), spec.pooling, spec.is_decoder, f"base-{name}")
+    path = Path(name)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"base model {name!r} is neither a bundled name ({sorted(BUNDLED)}) nor a local HF "
+            "folder with config.json"
+        )
+    from transformers import AutoConfig
+
+    is_dec = is_decoder_config(AutoConfig.from_pretrained(path))
+    return LMSource(path, "last" if is_dec else "mean", is_dec, f"local-{path.name}")
+
+
 def detect_pooling(model_dir: Path) -> Pooling:
     """Last-token pooling for decoders, mean pooling for encoders (LLM-Rec's choice)."""
     from transformers import AutoConfig
@@ -167,8 +199,8 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def resolve_dtype(preference: str, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 on CUDA; on CPU bf16 only with native bf16 instructions (2x faster for
-    MiniLM at cosine 0.9999 to fp32), else fp32 (emulated bf16 is slower than fp32)."""
+    """``auto``: bf16 on CUDA; on CPU bf16 only with native bf16 instructions, else fp32
+    (emulated bf16 is slower than fp32; docs/decisions/003-serving-on-two-cores.md)."""
     table = {
         "float32": torch.float32,
         "fp32": torch.float32,
@@ -245,8 +277,9 @@ class TextTokenizer:
     them on every call (which makes concurrent calls unsafe, hence a lock) and holds the GIL,
     while ``encode_batch`` on a copy nobody mutates is safe from any thread and releases the
     GIL. The service tokenises each request in a small pool while the event loop serves
-    others; locked, a cohort's histories queued behind each other before every batch (perf,
-    issue 5). Slow tokenizers keep the wrapper, behind the lock.
+    others; locked, a cohort's histories queued behind each other before every batch
+    (docs/decisions/003-serving-on-two-cores.md). Slow tokenizers keep the wrapper, behind the
+    lock.
     """
 
     def __init__(self, tokenizer, max_length: int, is_decoder: bool) -> None:  # type: ignore[no-untyped-def]

@@ -29,8 +29,8 @@ def normalise_title(title: str) -> str:
     """NFC, control characters removed, whitespace collapsed: equal titles give equal text.
 
     Runs for every history entry of every request on the event loop: ``str.isprintable`` (false
-    for any category C character) skips the per-character pass for the usual clean title (perf,
-    issue 5; the fast path is tested against the definition).
+    for any category C character) skips the per-character pass for the usual clean title (the
+    fast path is tested against the definition).
     """
     if not unicodedata.is_normalized("NFC", title):
         title = unicodedata.normalize("NFC", title)

@@ -22,7 +22,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +82,17 @@ class Artifact:
     def version(self) -> str:
         return self.manifest.version
 
+    def require(self, files: Iterable[str]) -> None:
+        """Refuse files a loader reads that the manifest does not list (so no checksum covered
+        them), naming the first."""
+        for rel in files:
+            if rel not in self.manifest.files:
+                raise ArtifactError(
+                    f"{self.path / rel}: not listed in the manifest, so not checksum-verified; "
+                    "publish the whole folder through ModelStore.publish",
+                    rel,
+                )
+
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
@@ -101,7 +112,8 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (a no-op where directories cannot be opened)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -112,7 +124,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a reader sees the old bytes or the new, never a
+    part (temp file, fsync, rename, fsync of the directory)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     try:
@@ -121,7 +135,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -175,6 +189,63 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def publish_dir(parent: Path, name: str, write: Callable[[Path], Mapping[str, Any]]) -> Path:
+    """Create ``parent/name`` whole or not at all, with a checksummed manifest.
+
+    ``write(tmp)`` fills a temporary sibling directory and returns the manifest's fields; the
+    sha256 of every file it wrote goes into the manifest's ``files``, ``manifest.json`` and its
+    own checksum (``manifest.sha256``) are written last, everything is fsynced and the directory
+    renamed into place. A crash leaves only a ``.tmp-*`` sibling, which readers skip.
+    """
+    final = parent / name
+    if final.exists():
+        raise ArtifactError(f"{final} already exists")
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=parent))
+    try:
+        fields = dict(write(tmp))
+        fields["files"] = {
+            p.relative_to(tmp).as_posix(): sha256_file(p)
+            for p in sorted(tmp.rglob("*"))
+            if p.is_file() and p.relative_to(tmp).as_posix() not in (MANIFEST, MANIFEST_SUM)
+        }
+        (tmp / MANIFEST).write_text(json.dumps(fields, indent=2), encoding="utf-8")
+        (tmp / MANIFEST_SUM).write_text(sha256_file(tmp / MANIFEST) + "\n", encoding="utf-8")
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                with open(p, "rb") as fh:
+                    os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def verify(path: Path, require_sum: bool = True) -> dict[str, Any]:
+    """The manifest of a directory made by :func:`publish_dir`, after checking the manifest's own
+    checksum and every listed file's; :class:`ArtifactError` names the first file that is
+    missing or changed. ``require_sum=False`` accepts a directory written before manifests had
+    their own checksum (index snapshots), still checking it when present."""
+    if require_sum or (path / MANIFEST_SUM).is_file():
+        verify_manifest(path)
+    manifest = _read_manifest(path)
+    verify_files(path, manifest.get("files") or {})
+    return manifest
+
+
+_verify = verify  # ModelStore.load's ``verify`` flag shadows the name there
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        data: dict[str, Any] = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path / MANIFEST}: unreadable manifest ({exc})", MANIFEST) from exc
+    return data
+
+
 class ModelStore:
     """A directory of versions and aliases. Safe for one writer and many readers."""
 
@@ -205,12 +276,14 @@ class ModelStore:
         aliases = list(aliases)
         for name in (version, *aliases):  # refuse bad names before anything is written
             self._check_name(name)
-        final = self.versions_dir / version
-        if final.exists():
+        if (self.versions_dir / version).exists():
             raise ArtifactError(f"version {version!r} already exists in {self.versions_dir}")
-        self.versions_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=self.versions_dir))
-        try:
+        data["version"] = version
+        data["library_versions"] = {**library_versions(), **(data.get("library_versions") or {})}
+        data["files"] = {}
+        m = Manifest.model_validate(data)
+
+        def write(tmp: Path) -> dict[str, Any]:
             for item in sorted(src.rglob("*")):
                 if item.is_file() and item.name not in (MANIFEST, MANIFEST_SUM, CARD):
                     dest = tmp / item.relative_to(src)
@@ -220,28 +293,11 @@ class ModelStore:
                 dest = tmp / name
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, dest)
-            data["version"] = version
-            data.setdefault("library_versions", {})
-            data["library_versions"] = {**library_versions(), **data["library_versions"]}
-            data["files"] = {}
-            m = Manifest.model_validate(data)
             (tmp / CARD).write_text(render_card(m, card_extra), encoding="utf-8")
-            m.files = {
-                p.relative_to(tmp).as_posix(): sha256_file(p)
-                for p in sorted(tmp.rglob("*"))
-                if p.is_file() and p.name not in (MANIFEST, MANIFEST_SUM)
-            }
-            (tmp / MANIFEST).write_text(m.model_dump_json(indent=2), encoding="utf-8")
-            (tmp / MANIFEST_SUM).write_text(sha256_file(tmp / MANIFEST) + "\n", encoding="utf-8")
-            for p in tmp.rglob("*"):
-                if p.is_file():
-                    with open(p, "rb") as fh:
-                        os.fsync(fh.fileno())
-            os.replace(tmp, final)
-            _fsync_dir(self.versions_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            return m.model_dump(mode="json")
+
+        final = publish_dir(self.versions_dir, version, write)
+        m = Manifest.model_validate_json((final / MANIFEST).read_text(encoding="utf-8"))
         for alias in aliases:
             self.set_alias(alias, version)
         return Artifact(path=final, manifest=m)
@@ -250,7 +306,7 @@ class ModelStore:
         self._check_name(alias)
         if not (self.versions_dir / version / MANIFEST).exists():
             raise ArtifactError(f"cannot point alias {alias!r} at unknown version {version!r}")
-        _write_atomic(self.aliases_dir / alias, (version + "\n").encode())
+        write_atomic(self.aliases_dir / alias, (version + "\n").encode())
 
     # -- reading -----------------------------------------------------------------------------
     def resolve(self, ref: str) -> str | None:
@@ -286,16 +342,13 @@ class ModelStore:
         if version is None:
             raise ArtifactError(f"no model version or alias {ref!r} in {self.root}")
         path = self.versions_dir / version
-        if verify:
-            verify_manifest(path)
+        raw = _verify(path) if verify else _read_manifest(path)
         try:
-            m = Manifest.model_validate_json((path / MANIFEST).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
+            m = Manifest.model_validate(raw)
+        except ValueError as exc:
             raise ArtifactError(
                 f"{path / MANIFEST}: unreadable manifest ({exc})", MANIFEST
             ) from exc
-        if verify:
-            verify_files(path, m.files)
         return Artifact(path=path, manifest=m)
 
     @staticmethod

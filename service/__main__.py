@@ -9,7 +9,7 @@ import signal
 
 import uvicorn
 
-from service.app import create_app
+from service.api import create_app
 from service.settings import Settings
 
 

@@ -1,4 +1,11 @@
-"""Dynamic batching: concurrent cache misses share one forward pass.
+"""Batching: work issued together runs as one call.
+
+Two batchers. ``TickBatcher``: the calls made in one event-loop tick are answered by one batched
+call. A coalesced forward answers its whole cohort in one tick, and every request of the cohort
+then takes the same steps in the same ticks (look its vector up, search, store it, tokenise its
+next history); one at a time, each step would cost a thread-pool hop or a Redis round trip per
+request, taken from the next forward on 2 cores. The Redis cache, the search and tokenisation use
+it. ``Batcher``: dynamic batching of encodes, concurrent cache misses share one forward pass.
 
 Requests are tokenised in a small thread pool (off the event loop; the requests of one tick in
 one call per pool thread), queued in a bounded queue, and a single worker drains the queue
@@ -7,7 +14,8 @@ a batch waits for as many requests as the last one served (up to ``coalesce_ms``
 ``coalesce_share`` of the last batch's device time when that is longer) or, with coalescing off,
 for ``max_wait_ms``. The forward pass runs on one dedicated "device" thread, so the
 event loop keeps answering (``/live``, cache hits) while the model computes, and torch releases
-the GIL inside its kernels. A full queue is a 429, not an unbounded latency.
+the GIL inside its kernels. A full queue refuses (``Overloaded``) instead of growing the latency
+without bound.
 """
 
 from __future__ import annotations
@@ -15,22 +23,102 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
+from cprec.encoder import Encoder
 from cprec.lm import TextKind
-from service.coalesce import TickBatcher
-from service.encoder import Encoder
 from service.errors import Overloaded
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+R = TypeVar("R")
 _Pending = tuple[list[int], asyncio.Future[np.ndarray]]
 TOKENIZE_THREADS = 2  # the Rust tokenizer releases the GIL: two calls run in parallel
+
+
+def split_blocks(n: int, parts: int, min_part: int) -> list[slice]:
+    """Contiguous blocks for ``n`` items: as many as ``parts`` allows while each keeps
+    ``min_part`` items, sizes within one of each other."""
+    k = max(1, min(parts, n // max(1, min_part)))
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+class TickBatcher(Generic[T, R]):
+    """``await batcher(item)`` from many tasks; the items queued in one tick go to ``run``
+    together, which returns one result per item, in order.
+
+    The flush is scheduled with ``call_soon`` when the first item of a tick arrives, so it runs
+    after every task that was ready in that tick; nothing ever waits for company. A large tick is
+    cut into up to ``parts`` blocks of at least ``min_part`` items, run concurrently. A block
+    whose call raises fails its own waiters with that exception; cancelling a block's task
+    (shutdown) cancels its waiters, so none is left hanging.
+    """
+
+    def __init__(
+        self,
+        run: Callable[[list[T]], Awaitable[Sequence[R]]],
+        parts: int = 1,
+        min_part: int = 8,
+    ) -> None:
+        self._run_block = run
+        self.parts = max(1, parts)
+        self.min_part = max(1, min_part)
+        self._pending: list[tuple[T, asyncio.Future[R]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __call__(self, item: T) -> R:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[R] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self.flush)
+        self._pending.append((item, fut))
+        return await fut
+
+    def split(self, n: int) -> list[slice]:
+        return split_blocks(n, self.parts, self.min_part)
+
+    def flush(self) -> None:
+        """Start the blocks for everything queued so far (normally run by ``call_soon``)."""
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        loop = asyncio.get_running_loop()
+        for part in self.split(len(batch)):
+            task = loop.create_task(self._answer(batch[part]))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def drain(self, timeout_s: float | None = None) -> None:
+        """Send what is queued and wait (up to ``timeout_s``) for the blocks in flight."""
+        self.flush()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout_s)
+
+    async def _answer(self, block: list[tuple[T, asyncio.Future[R]]]) -> None:
+        try:
+            results = await self._run_block([item for item, _ in block])
+            if len(results) != len(block):  # a bug in run: fail loudly, leave nobody waiting
+                raise RuntimeError(f"batched call answered {len(results)} of {len(block)} items")
+        except BaseException as exc:
+            for _, fut in block:
+                if not fut.done():
+                    if isinstance(exc, Exception):
+                        fut.set_exception(exc)
+                    else:
+                        fut.cancel()
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            for (_, fut), r in zip(block, results, strict=True):  # lengths checked above
+                if not fut.done():
+                    fut.set_result(r)
 
 
 def device_thread() -> ThreadPoolExecutor:
@@ -39,7 +127,7 @@ def device_thread() -> ThreadPoolExecutor:
     torch's OpenMP runtime (libgomp) keeps a thread team for each thread that has run a parallel
     region, and once the process holds more of those threads than CPUs it stops spin-waiting
     between regions: every op then puts its team to sleep and wakes it again. Loading the weights
-    on any other thread was enough for that on 2 cores (perf, issue 5;
+    on any other thread was enough for that on 2 cores (docs/decisions/003-serving-on-two-cores.md;
     tests/perf/test_perf_device_thread.py pins the placement).
     """
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="cprec-device")
@@ -50,14 +138,14 @@ def padding_groups(
 ) -> list[list[int]]:
     """Row groups for the forwards of one batch, in input order when not split.
 
-    With ``max_padding`` set (``batch_max_padding``; 0.25 by default on CPU), rows are
+    With ``max_padding`` set (``tuning.batch_max_padding``, on by default on CPU), rows are
     length-sorted and cut wherever the next (longer) row would push padded tokens past
     ``max_padding`` x real tokens: worth it where a forward's cost per token is flat in batch
-    size, as on CPU (perf, issue 5). ``max_tokens`` (``batch_max_forward_tokens``; 2048 on CPU)
-    also cuts a group before its rows x width pass it: on 2 cores a forward of 23 histories at
-    256 tokens cost 48 ms a row against 40 for 4-10 rows (its attention scores outgrow the
-    caches), and how many long histories a cohort holds then set how long its batch took.
-    ``bench/serve.py`` times the raw encoder with the same rule.
+    size, as on CPU. ``max_tokens`` (``tuning.batch_max_forward_tokens``) also cuts a group
+    before its rows x width pass it: a forward of many long rows outgrows the caches and costs
+    more per row, so how many long histories a cohort held would set how long its batch took
+    (docs/decisions/003-serving-on-two-cores.md). ``bench/serve.py`` times the raw encoder with
+    the same rule.
     """
     if max_padding is None or len(lengths) < 2:
         return [list(range(len(lengths)))]
@@ -178,7 +266,7 @@ class Batcher:
             raise Overloaded(
                 "encoder queue is full; retry shortly",
                 details={"queue_size": self.queue_size},
-                headers={"Retry-After": "1"},
+                retry_after_s=1,
             )
         ids = await (self._queries if kind == "query" else self._items)(text)
         if not self.enabled:
@@ -195,7 +283,7 @@ class Batcher:
             raise Overloaded(
                 "encoder queue is full; retry shortly",
                 details={"queue_size": self.queue_size},
-                headers={"Retry-After": "1"},
+                retry_after_s=1,
             ) from None
         self._gauge()
         return await fut
@@ -272,8 +360,8 @@ class Batcher:
         """Vectors for ``live``, which may grow: with ``max_padding`` set (CPU) the batch runs
         as several length-sorted forwards, and a request that arrives meanwhile (a client that
         missed the window) joins the forwards still to come. It then finishes with its cohort
-        instead of after a whole extra batch, which had set the p99 of batched closed-loop load
-        (bench/serve.py, issue 5). One padded forward (GPU default) has nothing to join."""
+        instead of after a whole extra batch, which had set the p99 of batched closed-loop load.
+        One padded forward (GPU default) has nothing to join."""
         if self.max_padding is None:
             return await self.run_on_device(self._forward, [ids for ids, _ in live])
         out: dict[int, np.ndarray] = {}
@@ -285,7 +373,7 @@ class Batcher:
             vecs = await self.run_on_device(self._forward, [live[i][0] for i in rows])
             # Rows are answered when the whole batch is done, not per forward (continuous
             # batching): on 2 cores the early rows' searches and responses stall the encoder's
-            # OpenMP team, and it lost in two A/Bs (docs/benchmarks.md; issue 5 notes).
+            # OpenMP team (docs/decisions/003-serving-on-two-cores.md).
             out.update(zip(rows, vecs, strict=True))
             self._join_late(live)
         return np.stack([out[i] for i in range(len(live))])

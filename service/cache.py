@@ -1,4 +1,5 @@
-"""User-vector caches: Redis when ``REDIS_URL`` is set, else an in-process LRU.
+"""Caches of the request path: user vectors (Redis when ``REDIS_URL`` is set, else an
+in-process LRU) and the ranked lists of recent requests (in process, per index snapshot).
 
 Keys carry the model version and a hash of the normalised user text, so a model swap makes old
 entries unreachable without a flush. Redis failures never fail a request: the call returns a
@@ -8,8 +9,7 @@ reconnects by itself on that next try).
 The Redis cache auto-pipelines: the gets and sets issued in one event-loop tick go out as one
 pipeline (SET EX per store, then one MGET) in one round trip. A coalesced forward answers its whole
 cohort in one tick, so the cohort's stores and its next requests' lookups each cost one round
-trip instead of one per request (perf, issue 5: 32 gets and 32 sets took 6.4 ms of event-loop
-time one by one, 1.6 ms pipelined, on 2 cores).
+trip instead of one per request (docs/decisions/003-serving-on-two-cores.md).
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Generic, TypeVar
 
 import numpy as np
 
-from service.coalesce import TickBatcher
+from service.batcher import TickBatcher
 
 log = logging.getLogger(__name__)
 
@@ -214,3 +214,23 @@ class RedisCache(UserVectorCache):
             await self.client.aclose()
         except Exception:  # noqa: BLE001
             pass
+
+
+Hits = dict[str, list[tuple[int, float]]]  # domain -> [(catalogue row, score)], best first
+
+
+class RankedLists(BoundedLRU[Hashable, Hits]):
+    """The ranked lists of recent requests, per index snapshot: a repeated request (a page
+    reload, a retry, a client polling) skips the user-vector lookup and the search, which
+    dominates a cache hit once a catalogue is large.
+
+    Keyed by the snapshot's version and everything that shapes an answer (user key, target
+    domains, k, excluded rows), so an entry can only be returned for the request that made it; a
+    swap empties it. ``size=0`` turns it off.
+    """
+
+    @staticmethod
+    def key(
+        index_version: str, user_key: str, targets: Sequence[str], k: int, exclude: set[int]
+    ) -> Hashable:
+        return (index_version, user_key, tuple(targets), k, frozenset(exclude))

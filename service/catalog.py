@@ -1,4 +1,5 @@
-"""Catalogue parsing: JSONL or CSV, as data only, with file:line errors and no silent drops."""
+"""The catalogue: its item type, and parsing JSONL or CSV as data only, with file:line errors and
+no silent drops."""
 
 from __future__ import annotations
 
@@ -6,13 +7,46 @@ import csv
 import io
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from service.errors import Forbidden, PayloadTooLarge, ValidationFailed
-from service.index import Item
 from service.protocol import CatalogItem
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One catalogue item; ``popularity`` orders cold-start answers and the zero-shot prior."""
+
+    item_id: str
+    domain: str
+    title: str
+    extra_text: str | None = None
+    popularity: float = 0.0
+
+    def to_json(self) -> dict[str, object]:
+        d: dict[str, object] = {
+            "item_id": self.item_id,
+            "domain": self.domain,
+            "title": self.title,
+            "popularity": self.popularity,
+        }
+        if self.extra_text:
+            d["extra_text"] = self.extra_text
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, object]) -> Item:
+        extra = d.get("extra_text")
+        return cls(
+            str(d["item_id"]),
+            str(d["domain"]),
+            str(d["title"]),
+            str(extra) if extra else None,
+            float(d.get("popularity", 0.0)),  # type: ignore[arg-type]
+        )
 
 
 def _bad(source: str, line: int, reason: str) -> ValidationFailed:

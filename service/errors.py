@@ -1,4 +1,9 @@
-"""One error type with a code and a status; one envelope ``{"error": {code, message, details}}``."""
+"""The errors the service reports on purpose: a stable ``code``, a message that says how to fix
+it, and ``details`` (the field and reason, limits, ids).
+
+They say what went wrong, not how HTTP says it: the engine raises them whether it is called
+through the API or as a library, and ``service/api.py`` alone maps each code to a status.
+"""
 
 from __future__ import annotations
 
@@ -6,49 +11,46 @@ from typing import Any
 
 
 class ServiceError(Exception):
-    """Base of every error the API reports on purpose."""
+    """Base of every error reported on purpose; ``retry_after_s`` when retrying will help."""
 
     code = "internal_error"
-    http_status = 500
 
-    def __init__(self, message: str, details: Any = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self, message: str, details: Any = None, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.details = details
-        self.headers = headers or {}
+        self.retry_after_s = retry_after_s
 
 
 class ValidationFailed(ServiceError):
-    code, http_status = "validation_error", 422
+    code = "validation_error"
 
 
 class PayloadTooLarge(ServiceError):
-    code, http_status = "payload_too_large", 413
+    code = "payload_too_large"
 
 
 class Unauthorized(ServiceError):
-    code, http_status = "unauthorized", 401
+    code = "unauthorized"
 
 
 class Forbidden(ServiceError):
-    code, http_status = "forbidden", 403
+    code = "forbidden"
 
 
 class NotFound(ServiceError):
-    code, http_status = "not_found", 404
+    code = "not_found"
 
 
 class Conflict(ServiceError):
-    code, http_status = "conflict", 409
+    code = "conflict"
 
 
 class Overloaded(ServiceError):
-    code, http_status = "overloaded", 429
+    code = "overloaded"
 
 
 class NotReady(ServiceError):
-    code, http_status = "not_ready", 503
-
-
-def envelope(code: str, message: str, details: Any = None) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message, "details": details}}
+    code = "not_ready"

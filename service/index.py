@@ -1,4 +1,8 @@
-"""Per-domain FAISS indexes over item vectors, as immutable snapshots with a save/load lifecycle.
+"""Per-domain FAISS indexes over item vectors: immutable snapshots, the live reference, search.
+
+A request reads ``LiveIndex.current`` once and uses that snapshot throughout; a reindex builds a
+new snapshot beside it and swaps the reference. Concurrent requests' searches of one snapshot
+share one faiss call per domain (``SearchCoalescer``).
 
 A snapshot owns the catalogue it was built from, the item vectors, and one index per domain whose
 int64 ids are the catalogue rows. Snapshots never change after build: a reindex builds a new one
@@ -14,14 +18,13 @@ removes.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,31 +33,14 @@ import faiss
 import numpy as np
 
 from cprec.text import normalise_title
-from model_store.store import ArtifactError, _fsync_dir, _write_atomic, sha256_file, verify_files
+from model_store import ArtifactError, publish_dir, verify, write_atomic
+from service.batcher import TickBatcher
+from service.cache import Hits
+from service.catalog import Item
 
 log = logging.getLogger(__name__)
 
 IndexKind = Literal["flat", "hnsw"]
-
-
-@dataclass(frozen=True, slots=True)
-class Item:
-    item_id: str
-    domain: str
-    title: str
-    extra_text: str | None = None
-    popularity: float = 0.0
-
-    def to_json(self) -> dict[str, object]:
-        d: dict[str, object] = {
-            "item_id": self.item_id,
-            "domain": self.domain,
-            "title": self.title,
-            "popularity": self.popularity,
-        }
-        if self.extra_text:
-            d["extra_text"] = self.extra_text
-        return d
 
 
 _SEARCH_THREADS = 0  # OpenMP threads per search call; 0 = faiss' default (all cores)
@@ -210,7 +196,7 @@ class ItemIndex:
         if _SEARCH_THREADS and not self.on_gpu:
             # Per calling thread (an OpenMP ICV), so the encoder's threads are untouched. Beside
             # a forward pass that already uses every core, faiss' spinning OpenMP team stalls
-            # (bench/search.py: batch 16 over 27k items 1.8 s with 2 threads, 0.08 s with 1).
+            # (docs/decisions/003-serving-on-two-cores.md).
             faiss.omp_set_num_threads(_SEARCH_THREADS)
         scores, ids = self.indexes[domain].search(q, fetch)  # [Q, fetch] each
         out: list[list[tuple[int, float]]] = []
@@ -229,11 +215,9 @@ class ItemIndex:
 
     # -- persistence -------------------------------------------------------------------------
     def save(self, root: Path) -> Path:
-        """Write this snapshot under ``root/versions/<version>`` atomically and move CURRENT."""
-        versions = root / "versions"
-        versions.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{self.version}-", dir=versions))
-        try:
+        """Write this snapshot under ``root/versions/<version>`` atomically, then move CURRENT."""
+
+        def write(tmp: Path) -> dict[str, Any]:
             with open(tmp / "items.jsonl", "w", encoding="utf-8") as fh:
                 for it in self.items:
                     fh.write(json.dumps(it.to_json(), ensure_ascii=False) + "\n")
@@ -243,11 +227,9 @@ class ItemIndex:
             domain_files = {}
             for n, (d, idx) in enumerate(self.indexes.items()):
                 cpu = faiss.index_gpu_to_cpu(idx) if self.on_gpu else idx
-                fname = f"domain-{n}.faiss"
-                faiss.write_index(cpu, str(tmp / fname))
-                domain_files[d] = fname
-            files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-            manifest = {
+                domain_files[d] = f"domain-{n}.faiss"
+                faiss.write_index(cpu, str(tmp / domain_files[d]))
+            return {
                 "version": self.version,
                 "model_version": self.model_version,
                 "kind": self.kind,
@@ -256,20 +238,11 @@ class ItemIndex:
                 "n_items": len(self.items),
                 "domains": domain_files,
                 "created_at": self.created_at,
-                "files": files,
                 "complete": True,
             }
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-            for p in tmp.iterdir():
-                with open(p, "rb") as fh:
-                    os.fsync(fh.fileno())
-            final = versions / self.version
-            os.replace(tmp, final)
-            _fsync_dir(versions)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        _write_atomic(root / "CURRENT", (self.version + "\n").encode())
+
+        final = publish_dir(root / "versions", self.version, write)
+        write_atomic(root / "CURRENT", (self.version + "\n").encode())
         return final
 
     @classmethod
@@ -282,12 +255,7 @@ class ItemIndex:
     ) -> ItemIndex:
         """Load one saved snapshot after verifying every file's checksum; with ``scorer`` given,
         a snapshot built for another one is refused (its rows mean something else)."""
-        try:
-            manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ArtifactError(
-                f"{path / 'manifest.json'}: unreadable ({exc})", "manifest.json"
-            ) from exc
+        manifest = verify(path, require_sum=False)  # snapshots of older versions have no sum
         if not manifest.get("complete"):
             raise ArtifactError(f"{path}: index is not marked complete", "manifest.json")
         built_for = manifest.get("scorer", "text")  # snapshots older than scorers: text
@@ -295,20 +263,8 @@ class ItemIndex:
             raise ArtifactError(
                 f"{path}: built for scorer {built_for!r}, not {scorer!r}", "manifest.json"
             )
-        verify_files(path, manifest["files"])
-        items = []
         with open(path / "items.jsonl", encoding="utf-8") as fh:
-            for line in fh:
-                d = json.loads(line)
-                items.append(
-                    Item(
-                        d["item_id"],
-                        d["domain"],
-                        d["title"],
-                        d.get("extra_text"),
-                        float(d.get("popularity", 0.0)),
-                    )
-                )
+            items = [Item.from_json(json.loads(line)) for line in fh]
         vectors = np.load(path / "vectors.npy")
         text_vectors = (
             np.load(path / "text_vectors.npy") if "text_vectors.npy" in manifest["files"] else None
@@ -388,3 +344,81 @@ class IndexStore:
         for path in self.candidates()[self.keep :]:
             if path.name != protect:
                 shutil.rmtree(path, ignore_errors=True)
+
+
+class LiveIndex:
+    """The one reference readers use. A request reads ``current`` once and keeps that snapshot
+    to the end, so a swap in the middle of a request never mixes two catalogues; readers take
+    no lock, and writers are serialised by the reindex job's lock."""
+
+    def __init__(self) -> None:
+        self.current: ItemIndex | None = None
+        self._on_swap: list[Callable[[ItemIndex], None]] = []
+
+    def on_swap(self, hook: Callable[[ItemIndex], None]) -> None:
+        """Run ``hook(new)`` right after every swap (e.g. empty a cache keyed by snapshot)."""
+        self._on_swap.append(hook)
+
+    def swap(self, index: ItemIndex) -> None:
+        self.current = index
+        for hook in self._on_swap:
+            hook(index)
+
+
+# -- search ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Search:
+    idx: ItemIndex
+    targets: Sequence[str]
+    vec: np.ndarray  # [D]
+    k: int
+    exclude: set[int]
+
+
+def search_many(searches: Sequence[_Search]) -> list[Hits]:
+    """Exact top-k per search and target domain, one faiss call per (snapshot, domain).
+
+    Each query block is fetched deep enough for its most demanding member (its k plus its
+    excluded rows in that domain), then every row is filtered with its own exclusions and cut
+    to its own k: the same answer as searching each request alone. One [B, D] block reads a
+    flat index once where B single-vector searches read it B times.
+    """
+    out: list[Hits] = [{} for _ in searches]
+    groups: dict[tuple[int, str], list[int]] = {}
+    for i, s in enumerate(searches):
+        for d in s.targets:
+            groups.setdefault((id(s.idx), d), []).append(i)
+    for (_, d), members in groups.items():
+        idx = searches[members[0]].idx
+        excl = [{r for r in searches[i].exclude if idx.items[r].domain == d} for i in members]
+        fetch = max(searches[i].k + len(e) for i, e in zip(members, excl, strict=True))
+        q = np.stack([searches[i].vec for i in members])  # [B, D]
+        rows = idx.search(d, q, fetch)
+        for i, e, hits in zip(members, excl, rows, strict=True):
+            out[i][d] = [(r, s) for r, s in hits if r not in e][: searches[i].k]
+    return out
+
+
+class SearchCoalescer(TickBatcher[_Search, Hits]):
+    """``await search(...)`` from many requests; those issued in one tick run as one batch.
+
+    A large tick is cut into up to ``parts`` blocks of at least ``min_part`` queries, searched
+    by parallel single-threaded faiss calls (faiss releases the GIL): right after a batch its
+    clients' searches are all the next batch waits for, and one call used one core of two.
+    Parallel calls, not an OpenMP team, which left the encoder's cores idle
+    (docs/decisions/003-serving-on-two-cores.md).
+    """
+
+    def __init__(self, parts: int = 1, min_part: int = 8) -> None:
+        super().__init__(self._search_block, parts, min_part)
+
+    async def search(
+        self, idx: ItemIndex, targets: Sequence[str], vec: np.ndarray, k: int, exclude: set[int]
+    ) -> Hits:
+        return await self(_Search(idx, targets, vec, k, exclude))
+
+    @staticmethod
+    async def _search_block(batch: list[_Search]) -> list[Hits]:
+        return await asyncio.to_thread(search_many, batch)

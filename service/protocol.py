@@ -1,4 +1,5 @@
-"""Request and response models of the HTTP API (pydantic); limits come from settings at runtime."""
+"""Request models and the error envelope of the API (pydantic); limits come from settings at
+runtime. The engine takes these requests as they are: they validate a library call too."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ class RecommendRequest(_Strict):
     target_domains: list[str] | None = Field(
         default=None, description="Domains to recommend in; default: every domain."
     )
-    k: int = Field(default=10, ge=1, le=200, description="Items per target domain.")
+    k: int = Field(default=10, ge=1, description="Items per target domain, at most max_k (200).")
     exclude_history: bool = Field(default=True, description="Never recommend a history item.")
 
     @model_validator(mode="after")
@@ -43,22 +44,6 @@ class RecommendRequest(_Strict):
             if len(set(self.target_domains)) != len(self.target_domains):
                 raise ValueError("target_domains contains duplicates")
         return self
-
-
-class ScoredItem(BaseModel):
-    item_id: str
-    title: str
-    score: float
-
-
-class RecommendResponse(BaseModel):
-    model_version: str
-    index_version: str
-    cached: bool = Field(description="The user vector came from the cache.")
-    cold_start: bool = Field(
-        default=False, description="Empty history: results are each domain's most popular items."
-    )
-    results: dict[str, list[ScoredItem]]
 
 
 class CatalogItem(_Strict):
@@ -91,19 +76,6 @@ class ReindexRequest(_Strict):
         elif not self.items and self.path is None:
             raise ValueError(f"mode {self.mode!r} needs a non-empty items list (or a path)")
         return self
-
-
-class JobStatus(BaseModel):
-    job_id: str
-    mode: str
-    state: Literal["queued", "running", "succeeded", "failed"]
-    total: int = 0
-    embedded: int = 0
-    progress: float = 0.0
-    index_version: str | None = None
-    error: str | None = None
-    created_at: float
-    finished_at: float | None = None
 
 
 class ErrorBody(BaseModel):

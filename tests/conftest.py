@@ -35,16 +35,18 @@ def catalog_path(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def make_settings(tmp_path: Path, catalog_path: Path) -> Callable[..., Any]:
-    from service.settings import Settings
+    from service.settings import Settings, Tuning
 
     def make(**overrides: Any) -> Settings:
+        """Settings for a test; a tuning knob may be given flat (``max_wait_ms=5``)."""
+        tuning = {k: overrides.pop(k) for k in list(overrides) if k in Tuning.model_fields}
         base: dict[str, Any] = {
             "store_dir": tmp_path / "store",
             "catalog_path": catalog_path,
             "admin_token": ADMIN_TOKEN,
             "faiss_gpu": False,
             "redis_url": None,
-            "max_wait_ms": 2.0,
+            "tuning": {"max_wait_ms": 2.0, **tuning},
         }
         base.update(overrides)
         return Settings(**base)
@@ -56,14 +58,19 @@ def make_settings(tmp_path: Path, catalog_path: Path) -> Callable[..., Any]:
 def app_client(make_settings: Callable[..., Any]) -> Callable[..., Any]:
     """``async with app_client(**settings) as (client, engine, encoder)``: the app with its
     lifespan run, over a FakeEncoder, talking through the ASGI transport."""
-    from service.app import create_app
-    from service.encoder import FakeEncoder
+    from cprec.encoder import FakeEncoder
+    from cprec.recommender import Recommender
+    from cprec.text import Template
+    from service.api import create_app
     from service.engine import Engine
 
     @asynccontextmanager
     async def make(encoder: Any = None, **overrides: Any) -> AsyncIterator[tuple[Any, Any, Any]]:
         enc = encoder or FakeEncoder(dim=512)
-        engine = Engine(make_settings(**overrides), encoder=enc, model_version="fake-v1")
+        settings = make_settings(**overrides)
+        # Served like a base model: the settings' history length shapes the template.
+        model = Recommender(enc, "fake-v1", Template(max_items=settings.history_max_items))
+        engine = Engine(settings, model=model)
         app = create_app(engine=engine)
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)

@@ -71,6 +71,44 @@ def build_tiny_bert(out: Path, tokenizer_dir: Path) -> Path:
     return build(out, tokenizer_dir, positions=128)
 
 
+def tiny_hier(
+    text_dim: int = 32,
+    dim: int = 16,
+    max_len: int = 4,
+    domains: tuple[str, ...] = ("Books", "Groceries", "Movies"),
+    residual_ids: tuple[str, ...] = ("g1", "g2", "b3", "m1", "zz-9"),
+    seed: int = 1,
+) -> Any:
+    """A 1-layer ``cprec.hier.HierRec`` with random weights that have some spread (the
+    N(0, 0.02) init leaves every score near 0) and a random residual for every trained id;
+    row 0 stays zero, as training keeps it."""
+    import torch
+
+    from cprec.hier import HierConfig, HierRec
+
+    torch.manual_seed(seed)
+    cfg = HierConfig(
+        text_dim=text_dim,
+        dim=dim,
+        layers=1,
+        heads=2,
+        ffn=32,
+        dropout=0.0,
+        attn_dropout=0.0,
+        max_len=max_len,
+        domains=list(domains),
+        residual_rows=len(residual_ids) + 1,
+    )
+    model = HierRec(cfg, list(residual_ids))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear | torch.nn.Embedding):
+                m.weight.normal_(0.0, 0.3)
+        assert model.residual is not None
+        model.residual.weight[0].zero_()
+    return model.eval()
+
+
 async def wait_job(
     client: httpx.AsyncClient, job_id: str, headers: dict[str, str], timeout: float = 60
 ) -> dict[str, Any]:

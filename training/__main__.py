@@ -5,9 +5,9 @@ or ``hier``: the hierarchical model's whole recipe (``training/hier_pipeline.py`
 ``training.hier.HierTrainConfig``, e.g. ``configs/hier-cpu.yaml``).
 
 Stages read and write under ``output_dir`` from the config, so they can be run one by one:
-``corpus`` -> ``cpt`` -> ``finetune`` -> ``evaluate`` -> ``publish``; ``pipeline`` runs them all.
-``--system NAME`` applies a benchmark row's change (finetune-only, cprec, cprec-cosine,
-cprec-domain-only, cprec-idres) and writes under ``output_dir/NAME``.
+``corpus`` -> ``cpt`` -> ``finetune`` -> ``evaluate`` -> ``publish``; ``pipeline`` runs them all
+(``training/pipeline.py``). The benchmark rows (config changes of the same pipeline) are run by
+``bench/quality.py`` (``bench/flat_systems.py``, ``bench/hier_systems.py``).
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="Override a config value, e.g. --set cpt.steps=20 (repeatable).",
     )
-    p.add_argument("--system", default=None, help="Apply a benchmark system's config change.")
     p.add_argument(
         "--skip-bad-rows",
         action="store_true",
@@ -78,8 +77,6 @@ def main(argv: list[str] | None = None) -> int:
     cfg: TrainConfig = load_config(args.config, overrides)
     from training import pipeline as pl
 
-    if args.system:
-        cfg = pl.system_config(args.system, cfg)
     logging.getLogger("training").info("config: %s", json.dumps(cfg.dump()))
     pl.setup(cfg)
     try:
@@ -96,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             model_dir, summary = pl.stage_cpt(cfg, data)
             print(f"cpt model: {model_dir}\n{json.dumps(summary, indent=2)}")
         elif args.stage == "finetune":
-            start = pl.cpt_dir(cfg) / "model" if cfg.cpt.enabled else pl.base_dir(cfg)
+            start = pl.cpt_dir(cfg) / "model" if cfg.cpt.enabled else pl.base_model(cfg).path
             if not (start / "config.json").is_file():
                 raise FileNotFoundError(
                     f"{start} not found: run the cpt stage first (or --set cpt.enabled=false)"
@@ -111,16 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             metrics, _ = pl.stage_evaluate(cfg, data, model_dir)
             if args.stage == "publish":
-                stages = {}
-                for st in ("finetune",):
-                    f = cfg.output_dir / st / "summary.json"
-                    stages[st] = json.loads(f.read_text()) if f.is_file() else {}
-                cp = pl.cpt_dir(cfg) / "summary.json"
-                stages["cpt"] = (
-                    json.loads(cp.read_text()) if cfg.cpt.enabled and cp.is_file() else {}
-                )
-                pl.write_catalog(data, cfg.output_dir / "catalog.jsonl")
-                art = pl.stage_publish(cfg, data, model_dir, metrics, stages)
+                art = pl.stage_publish(cfg, data, model_dir, metrics, pl.saved_stages(cfg))
                 print(f"published {art.version} to {cfg.publish.resolved_store()}")
             else:
                 print(pl.metrics_table(metrics))

@@ -2,13 +2,13 @@
 
 - **pop**: item counts over all of ``train.tsv.gz``, ranked within the target domain, history
   removed, ties to the smaller id (reproduces the anchor ``pop_test.metrics.json`` exactly).
-- **zero-shot** (``minilm-l6``, ``smollm2-135m``, bundled, no download): the service's
-  ``HFEncoder`` with the cprec template, i.e. the same text a served base model sees. Item text =
-  ``Template.render_item(domain, title)``; user text = ``Template.render_history`` of the last
-  ``n_last`` history items (cut from the left, so recent items survive truncation). Variant
-  ``mean10dom``: the mean of the vectors of the last 10 history items *of the target domain*
-  (falls back to the last 10 of any domain when a case has none: 111 valid Food cases, no test
-  case), L2-normalised.
+- **zero-shot** (``minilm-l6``, ``smollm2-135m``, bundled, no download): ``cprec.encoder.HFEncoder``
+  (what the service encodes with) with the cprec template, i.e. the same text a served base model
+  sees. Item text = ``Template.render_item(domain, title)``; user text =
+  ``Template.render_history`` of the last ``n_last`` history items (cut from the left, so recent
+  items survive truncation). Variant ``mean10dom``: the mean of the vectors of the last 10 history
+  items *of the target domain* (falls back to the last 10 of any domain when a case has none: 111
+  valid Food cases, no test case), L2-normalised.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from cprec.text import DEFAULT_TEMPLATE, Behaviour, Template
+from training.dataset import Case, Dataset, Item, TrainSeq
 from training.evaluate import rank_from_scores, rank_topk
-from training.fkloo import FKLOO, Case, FKItem, TrainSeq
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def popularity_counts(train: Sequence[TrainSeq], n_items: int) -> np.ndarray:
     return np.bincount(flat, minlength=n_items).astype(np.float64)
 
 
-def rank_popularity(data: FKLOO, cases: Sequence[Case], k: int = 50) -> list[list[int]]:
+def rank_popularity(data: Dataset, cases: Sequence[Case], k: int = 50) -> list[list[int]]:
     counts = popularity_counts(data.train, len(data.items))
     return rank_from_scores(
         lambda b: np.broadcast_to(counts, (len(b), counts.size)), cases, data.items, k=k, batch=2048
@@ -73,25 +73,6 @@ class EncodeStats:
             "wall_s": round(self.wall_s, 2),
             "tokens_per_s": round(self.tokens_per_s, 1),
         }
-
-
-def load_encoder(
-    name: str, cache_dir: Path, max_length: int = 256, device: str = "cpu", dtype: str = "auto"
-):  # type: ignore[no-untyped-def]
-    """A bundled base as the service loads it (SmolLM2's GGUF is converted once into cache_dir)."""
-    from cprec.lm import BUNDLED, bundled_dir
-    from service.encoder import HFEncoder
-
-    spec = BUNDLED[name]
-    return HFEncoder(
-        bundled_dir(name, cache_dir),
-        pooling=spec.pooling,
-        is_decoder=spec.is_decoder,
-        max_length=max_length,
-        device=device,
-        dtype=dtype,
-        name=name,
-    )
 
 
 def encode_texts(
@@ -125,13 +106,13 @@ def encode_texts(
     return out
 
 
-def item_texts(items: Sequence[FKItem], template: Template = DEFAULT_TEMPLATE) -> list[str]:
+def item_texts(items: Sequence[Item], template: Template = DEFAULT_TEMPLATE) -> list[str]:
     return [template.render_item(it.domain, it.title) for it in items]
 
 
 def user_texts(
     cases: Sequence[Case],
-    items: Sequence[FKItem],
+    items: Sequence[Item],
     n_last: int = 10,
     template: Template = DEFAULT_TEMPLATE,
 ) -> list[str]:
@@ -144,7 +125,7 @@ def user_texts(
 
 
 def _items_key(
-    model: str, items: Sequence[FKItem], template: Template, max_length: int, dtype: str
+    model: str, items: Sequence[Item], template: Template, max_length: int, dtype: str
 ) -> str:
     h = hashlib.sha256()
     for it in items:
@@ -154,7 +135,7 @@ def _items_key(
 
 def item_vectors(
     encoder,
-    items: Sequence[FKItem],
+    items: Sequence[Item],
     template: Template,
     cache_dir: Path | None,  # type: ignore[no-untyped-def]
     stats: EncodeStats,
@@ -185,7 +166,7 @@ def item_vectors(
 
 def cached_item_stats(
     encoder,
-    items: Sequence[FKItem],
+    items: Sequence[Item],
     template: Template,  # type: ignore[no-untyped-def]
     cache_dir: Path,
     max_length: int,
@@ -198,7 +179,7 @@ def cached_item_stats(
 
 
 def mean_target_domain_vectors(
-    item_vecs: np.ndarray, cases: Sequence[Case], items: Sequence[FKItem], n_last: int = 10
+    item_vecs: np.ndarray, cases: Sequence[Case], items: Sequence[Item], n_last: int = 10
 ) -> np.ndarray:
     """[n_cases, D]: mean of the last ``n_last`` target-domain history item vectors, normalised;
     cases without a target-domain history item use their last ``n_last`` items of any domain."""
@@ -224,12 +205,12 @@ class ZeroShotRun:
 
 def run_zeroshot(
     model: str,
-    items: Sequence[FKItem],
+    items: Sequence[Item],
     cases: Sequence[Case],
     *,
     text_cases: Sequence[Case] | None = None,
     cache_dir: Path | None = None,
-    store_dir: Path = Path("var/store"),
+    store_dir: Path | None = None,
     n_last: int = 10,
     max_length: int = 256,
     template: Template = DEFAULT_TEMPLATE,
@@ -238,14 +219,18 @@ def run_zeroshot(
 ) -> ZeroShotRun:
     """Rank ``cases`` with variant ``mean10dom`` and ``text_cases`` (default: ``cases``) with
     variant ``text`` (user text encoded by the model, the expensive part on CPU)."""
+    from cprec.encoder import HFEncoder
     from cprec.lm import BUNDLED
+    from training.config import store_dir as default_store
 
     if model not in BUNDLED:
         raise KeyError(f"unknown zero-shot model {model!r}; known: {sorted(BUNDLED)}")
     t0 = time.perf_counter()
-    # store_dir: where the service caches converted bundled bases (SmolLM2's GGUF -> safetensors);
-    # cache_dir: item vectors of this benchmark.
-    enc = load_encoder(model, Path(store_dir), max_length=max_length, device=device)
+    # store_dir: where a bundled base that needs converting (SmolLM2's GGUF) is converted once
+    # (default: the model store); cache_dir: item vectors of this benchmark.
+    enc = HFEncoder.from_base(
+        model, store_dir or default_store(), max_length=max_length, device=device
+    )
     run = ZeroShotRun(model=model, dtype=str(enc.dtype).removeprefix("torch."))
     run.stages.append({"stage": "load", "wall_s": round(time.perf_counter() - t0, 2)})
     st_items = EncodeStats(f"{model} items")

@@ -3,7 +3,9 @@
 ``load_config("configs/cpu-small.yaml", ["cpt.steps=20", "finetune.lora.r=4"])`` reads the file,
 applies each ``dotted.key=value`` override (values parsed as YAML, so ``true``, ``3``, ``[a, b]``
 work), and validates the result. Unknown keys are errors (a typo never silently does nothing).
-The resolved config is dumped into every artifact's manifest.
+The resolved config is dumped into every artifact's manifest. :class:`TrainConfig` is the flat
+pipeline's; the hier recipe's (``training.hier.HierTrainConfig``) loads through the same function
+and shares :class:`ScheduleConfig`.
 
 Paths: ``CPREC_SHARED_DIR`` (default ``<repo>/../shared``) locates the shared data; the model
 store is ``publish.store_dir`` or ``$CPREC_STORE_DIR`` (default ``var/store``).
@@ -12,8 +14,9 @@ store is ``publish.store_dir`` or ``$CPREC_STORE_DIR`` (default ``var/store``).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -23,11 +26,13 @@ from cprec.text import Template
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """Unknown keys are errors: a typo in a config never silently does nothing."""
+
     model_config = ConfigDict(extra="forbid")
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     source: Literal["fkloo", "files", "normalized"] = Field(
         default="fkloo",
         description="fkloo: the fixed FK-LOO benchmark split; files: catalogue + interactions "
@@ -53,7 +58,7 @@ class DataConfig(_Strict):
     seed: int = 0
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     base: str = Field(
         default="smollm2-135m",
         description="Bundled name (minilm-l6, smollm2-135m) or a local HF folder.",
@@ -71,7 +76,7 @@ class ModelConfig(_Strict):
     gradient_checkpointing: bool = False
 
 
-class LoraConfig(_Strict):
+class LoraConfig(StrictModel):
     enabled: bool = True
     r: int = Field(default=8, ge=1)
     alpha: int = Field(default=16, ge=1)
@@ -83,7 +88,7 @@ class LoraConfig(_Strict):
     )
 
 
-class ScheduleConfig(_Strict):
+class ScheduleConfig(StrictModel):
     kind: Literal["wsa", "cosine", "constant"] = "wsa"
     warmup_frac: float = Field(default=0.02, ge=0, lt=1)
     anneal_frac: float = Field(default=0.15, ge=0, le=1)
@@ -99,7 +104,7 @@ class ScheduleConfig(_Strict):
         }
 
 
-class CorpusConfig(_Strict):
+class CorpusConfig(StrictModel):
     context_length: int = Field(default=256, ge=16, description="Tokens per corpus chunk.")
     mixed_ratio: float = Field(
         default=0.5,
@@ -114,7 +119,7 @@ class CorpusConfig(_Strict):
     seed: int = 0
 
 
-class CptConfig(_Strict):
+class CptConfig(StrictModel):
     enabled: bool = True
     steps: int = Field(default=200, ge=1, description="Optimizer updates.")
     batch_size: int = Field(default=8, ge=1)
@@ -135,7 +140,7 @@ class CptConfig(_Strict):
     seed: int = 0
 
 
-class FinetuneConfig(_Strict):
+class FinetuneConfig(StrictModel):
     enabled: bool = True
     steps: int = Field(default=300, ge=1)
     batch_size: int = Field(default=16, ge=1)
@@ -154,7 +159,8 @@ class FinetuneConfig(_Strict):
         default=0,
         ge=0,
         description="Full fine-tuning only: keep the embeddings and the bottom N transformer "
-        "layers fixed (backward stops there: ~1.6x faster steps for MiniLM with 3 of 6 frozen).",
+        "layers fixed; backward stops there, so steps are cheaper "
+        "(docs/decisions/004-flat-training-on-cpu.md).",
     )
     schedule: ScheduleConfig = Field(
         default_factory=lambda: ScheduleConfig(kind="constant", warmup_frac=0.05)
@@ -174,13 +180,13 @@ class FinetuneConfig(_Strict):
     seed: int = 0
 
 
-class EvaluateConfig(_Strict):
+class EvaluateConfig(StrictModel):
     splits: list[Literal["valid", "test"]] = Field(default_factory=lambda: ["valid", "test"])
     batch_size: int = Field(default=64, ge=1)
     max_cases: int | None = Field(default=None, ge=1, description="Cap cases per split.")
 
 
-class PublishConfig(_Strict):
+class PublishConfig(StrictModel):
     enabled: bool = True
     store_dir: Path | None = Field(
         default=None, description="Default $CPREC_STORE_DIR or var/store."
@@ -190,12 +196,10 @@ class PublishConfig(_Strict):
     parent: str | None = None
 
     def resolved_store(self) -> Path:
-        if self.store_dir is not None:
-            return self.store_dir
-        return Path(os.environ.get("CPREC_STORE_DIR", REPO_ROOT / "var" / "store"))
+        return self.store_dir if self.store_dir is not None else store_dir()
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     name: str = "cprec"
     output_dir: Path = Field(default=Path("var/runs/cprec"), description="Run outputs.")
     seed: int = 0
@@ -208,6 +212,12 @@ class TrainConfig(_Strict):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     publish: PublishConfig = Field(default_factory=PublishConfig)
+    shared_cpt_dir: Path | None = Field(
+        default=None,
+        description="Share CPT runs between runs: CPT goes to <shared_cpt_dir>/<hash of the cpt, "
+        "corpus, model, template and data settings>, so runs that differ only after CPT (e.g. "
+        "benchmark rows) train it once. None: output_dir/cpt.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -238,7 +248,15 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     node[parts[-1]] = yaml.safe_load(value) if value != "" else None
 
 
-def load_config(path: Path | str | None, overrides: list[str] | None = None) -> TrainConfig:
+Config = TypeVar("Config", bound=BaseModel)
+
+
+def load_config(
+    path: Path | str | None,
+    overrides: Sequence[str] | None = None,
+    cls: type[Config] = TrainConfig,  # type: ignore[assignment]
+) -> Config:
+    """A YAML file plus ``dotted.key=value`` overrides, validated as ``cls``."""
     raw: dict[str, Any] = {}
     if path is not None:
         with open(path, encoding="utf-8") as fh:
@@ -247,8 +265,18 @@ def load_config(path: Path | str | None, overrides: list[str] | None = None) -> 
             raise ValueError(f"{path}: a config must be a mapping")
     for item in overrides or []:
         apply_override(raw, item)
-    return TrainConfig.model_validate(raw)
+    return cls.model_validate(raw)
 
 
 def shared_dir() -> Path:
-    return Path(os.environ.get("CPREC_SHARED_DIR", REPO_ROOT.parent / "shared")).resolve()
+    """The shared data folder: ``$CPREC_SHARED_DIR``, else ``../shared`` beside the repo."""
+    env = os.environ.get("CPREC_SHARED_DIR")
+    if env:
+        return Path(env).expanduser().resolve()
+    return (REPO_ROOT.parent / "shared").resolve()
+
+
+def store_dir() -> Path:
+    """The model store: ``$CPREC_STORE_DIR``, else ``var/store`` (also where a bundled base that
+    needs converting, SmolLM2, is converted once)."""
+    return Path(os.environ.get("CPREC_STORE_DIR") or REPO_ROOT / "var" / "store")

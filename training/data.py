@@ -30,8 +30,9 @@ valid case (target = second-to-last item) and one test case (target = last item;
 everything before it); their training sequence is everything before the valid target. Users with
 fewer behaviours, or whose target already occurs earlier in their sequence, are training-only.
 
-Everything is mapped onto :mod:`training.fkloo`'s dataclasses (integer item ids ``0..n-1``) so one
-evaluator serves every source; ``LoadedData.external_ids`` maps back to the source ids.
+Everything is mapped onto :mod:`training.dataset`'s types (integer item ids ``0..n-1``) so one
+evaluator serves every source; ``LoadedData.external_ids`` maps back to the source ids. The FK-LOO
+files themselves are read by :mod:`training.fkloo`.
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ from pathlib import Path
 from typing import Any
 
 from cprec.text import Template, normalise_title
-from training.config import DataConfig
-from training.fkloo import FKLOO, Case, FKItem, TrainSeq, load_fkloo, shared_dir
+from training.config import DataConfig, shared_dir
+from training.dataset import Case, Dataset, Item, TrainSeq
+from training.fkloo import SHA256, load_fkloo
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +86,7 @@ class DataError(ValueError):
 class LoadedData:
     """A dataset ready for corpus building, training and evaluation."""
 
-    data: FKLOO
+    data: Dataset
     external_ids: list[str]
     extra_text: list[str]
     source: str
@@ -207,7 +209,7 @@ class _Problems:
 
 @dataclass
 class Catalogue:
-    items: list[FKItem]
+    items: list[Item]
     external_ids: list[str]
     extra_text: list[str]
     index: dict[str, int]
@@ -216,7 +218,7 @@ class Catalogue:
 
 def read_catalogue(path: Path, skip_bad_rows: bool = False) -> Catalogue:
     probs = _Problems(skip_bad_rows)
-    items: list[FKItem] = []
+    items: list[Item] = []
     ext: list[str] = []
     extra: list[str] = []
     index: dict[str, int] = {}
@@ -242,7 +244,7 @@ def read_catalogue(path: Path, skip_bad_rows: bool = False) -> Catalogue:
         else:
             index[iid] = len(items)
             first_line[iid] = line
-            items.append(FKItem(len(items), dom, title))
+            items.append(Item(len(items), dom, title))
             ext.append(iid)
             extra.append(normalise_title(_text(rec.get("extra_text"))))
     bad = probs.finish(f"catalogue {path}")
@@ -339,7 +341,7 @@ def load_files(
     cat = read_catalogue(catalog, skip_bad_rows)
     seqs, bad = read_interactions(interactions, cat, skip_bad_rows, max_users)
     train, valid, test = leave_one_out(seqs)
-    data = FKLOO(items=cat.items, train=train, valid=valid, test=test, root=Path(catalog).parent)
+    data = Dataset(items=cat.items, train=train, valid=valid, test=test, root=Path(catalog).parent)
     stats = {
         "items": len(cat.items),
         "users": len(seqs),
@@ -369,7 +371,7 @@ def normalized_paths(name: str) -> tuple[Path, Path]:
 # -- FK-LOO ---------------------------------------------------------------------------------------
 
 
-def restrict_to_subset(d: FKLOO) -> tuple[FKLOO, list[int]]:
+def restrict_to_subset(d: Dataset) -> tuple[Dataset, list[int]]:
     """Keep only the evaluation users' own training sequences and the items that occur in them
     (histories and targets), renumbered ``0..m-1``; returns the data and new id -> FK-LOO id.
     Ranking is then over the kept items of the domain only: a CPU smoke-test mode, not the
@@ -384,13 +386,13 @@ def restrict_to_subset(d: FKLOO) -> tuple[FKLOO, list[int]]:
         used.add(c.target)
     old = sorted(used)
     new = {o: n for n, o in enumerate(old)}
-    items = [FKItem(n, d.items[o].domain, d.items[o].title) for n, o in enumerate(old)]
+    items = [Item(n, d.items[o].domain, d.items[o].title) for n, o in enumerate(old)]
 
     def cases(cs: list[Case]) -> list[Case]:
         return [Case(c.user_id, [new[i] for i in c.history], new[c.target], c.domain) for c in cs]
 
     train = [TrainSeq(s.user_id, [new[i] for i in s.item_ids], list(s.domains)) for s in train]
-    return FKLOO(
+    return Dataset(
         items=items, train=train, valid=cases(d.valid), test=cases(d.test), root=d.root
     ), old
 
@@ -400,8 +402,6 @@ def load_fkloo_data(cfg: DataConfig) -> LoadedData:
     ext = [it.item_id for it in d.items]
     if cfg.restrict_items:
         d, ext = restrict_to_subset(d)
-    from training.fkloo import SHA256
-
     h = hashlib.sha256(json.dumps(SHA256, sort_keys=True).encode())
     h.update(f"subset={cfg.subset},seed={cfg.seed},restrict={cfg.restrict_items}".encode())
     n_cand = sum(int(d.domain_items(x).size) for x in d.domains)

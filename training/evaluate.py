@@ -22,14 +22,14 @@ from typing import Any
 
 import numpy as np
 
-from training.fkloo import Case, FKItem
+from training.dataset import Case, Item
 
 K_LIST = 50
 KS = (10, 50)
 METRICS = ("Recall@10", "NDCG@10", "Recall@50", "NDCG@50", "MRR")
 
 
-def _domain_ids(items: Sequence[FKItem]) -> dict[str, np.ndarray]:
+def _domain_ids(items: Sequence[Item]) -> dict[str, np.ndarray]:
     by: dict[str, list[int]] = defaultdict(list)
     for it in items:
         by[it.domain].append(it.item_id)
@@ -86,7 +86,7 @@ def rank_topk(
     user_vecs: np.ndarray,
     item_vecs: np.ndarray,
     cases: Sequence[Case],
-    items: Sequence[FKItem],
+    items: Sequence[Item],
     k: int = K_LIST,
     batch: int = 512,
 ) -> list[list[int]]:
@@ -109,7 +109,7 @@ def rank_topk(
 def rank_from_scores(
     score_fn: Callable[[list[Case]], Any],
     cases: Sequence[Case],
-    items: Sequence[FKItem],
+    items: Sequence[Item],
     k: int = K_LIST,
     batch: int = 256,
 ) -> list[list[int]]:
@@ -156,7 +156,7 @@ def _rank_grouped(
 def validate_ranked(
     ranked: Sequence[Sequence[int]],
     cases: Sequence[Case],
-    items: Sequence[FKItem] | None = None,
+    items: Sequence[Item] | None = None,
     k: int = K_LIST,
 ) -> None:
     """The shared scorer's checks: exactly k distinct ids, no history item, target domain only."""
@@ -191,7 +191,7 @@ def _metrics_for(ranks: list[int | None]) -> dict[str, float]:
 def compute_metrics(
     ranked: Sequence[Sequence[int]],
     cases: Sequence[Case],
-    items: Sequence[FKItem] | None = None,
+    items: Sequence[Item] | None = None,
     name: str = "",
     split: str = "",
     k: int = K_LIST,

@@ -16,7 +16,8 @@ the text vector. It lives in ``item_residual.safetensors`` beside the model and 
 **evaluation-only**: the service encodes items from text and ignores it.
 
 Early stopping: every ``eval_every`` steps, NDCG@10 (micro) on up to ``eval_cases`` valid cases via
-:mod:`training.evaluate`; the best trainable state is restored at the end.
+:mod:`training.evaluate`; the best trainable state is restored at the end. The steps, rows and
+early-stopping bookkeeping are ``training/loop.py``'s; this module is the objective.
 """
 
 from __future__ import annotations
@@ -24,31 +25,22 @@ from __future__ import annotations
 import json
 import logging
 import re
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from cprec.lm import Pooling, TextTokenizer, embed, fit_max_length, is_decoder_config
 from cprec.text import Behaviour, Template
+from training import loop
 from training.config import TrainConfig
-from training.cpt import (
-    StageResult,
-    apply_lora,
-    count_params,
-    make_accelerator,
-    plot_curves,
-    save_merged,
-    write_log,
-)
 from training.data import LoadedData
+from training.dataset import Case
 from training.evaluate import compute_metrics, ndcg_at_10_micro, rank_topk
-from training.fkloo import Case
 from training.schedule import make_scheduler
 
 log = logging.getLogger(__name__)
@@ -152,15 +144,18 @@ class DualEncoder:
                 self._item_ids[i] = t
         return [self._item_ids[i] for i in ids]
 
-    def _embed(self, toks: list[list[int]]) -> torch.Tensor:
+    def user_tokens(self, histories: Sequence[Sequence[int]]) -> list[list[int]]:
+        return self.tt([self.user_text(h) for h in histories], "query")
+
+    def embed(self, toks: list[list[int]]) -> torch.Tensor:
         ids, mask = self.tt.collate(toks)  # [B, T] each
         return embed(self.model, ids.to(self.device), mask.to(self.device), self.pooling)  # [B, D]
 
     def users(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
-        return self._embed(self.tt([self.user_text(h) for h in histories], "query"))
+        return self.embed(self.user_tokens(histories))
 
     def items(self, ids: Sequence[int]) -> torch.Tensor:
-        vec = self._embed(self.item_tokens(ids))  # [M, D] unit
+        vec = self.embed(self.item_tokens(ids))  # [M, D] unit
         if self.residual is not None and self.seen is not None:
             idx = torch.as_tensor(list(ids), dtype=torch.long, device=self.device)
             r = self.residual(idx) * self.seen[idx].unsqueeze(-1)  # [M, D]; 0 for cold items
@@ -272,7 +267,58 @@ def load_dual_encoder(
     )
 
 
-def run_finetune(cfg: TrainConfig, base_dir: Path, data: LoadedData, out_dir: Path) -> StageResult:
+class ContrastiveObjective(loop.Objective):
+    """InfoNCE of user histories against their targets, in-batch and same-domain negatives;
+    evaluation: valid NDCG@10 (micro) on the early-stopping cases."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        enc: DualEncoder,
+        acc: Any,
+        examples: list[Example],
+        valid: list[Case],
+    ) -> None:
+        data = enc.data.data
+        self.f, self.enc, self.acc, self.examples, self.valid = (
+            cfg.finetune,
+            enc,
+            acc,
+            examples,
+            valid,
+        )
+        self.eval_batch = cfg.evaluate.batch_size
+        self.dom_pool = {d: data.domain_items(d) for d in data.domains}
+        self.rng = np.random.default_rng(cfg.finetune.seed + 1)
+
+    def batch(self, step: int, micro: int) -> tuple[list[Example], list[int], list[int]]:
+        f, n = self.f, len(self.examples)
+        # each process (DDP through accelerate) takes its own slice of the example stream
+        s0 = ((step * self.acc.num_processes + self.acc.process_index) * f.batch_size) % n
+        batch = [self.examples[(s0 + j) % n] for j in range(f.batch_size)]
+        cand, labels = build_candidates(batch, self.dom_pool, f.domain_negatives, self.rng)
+        return batch, cand, labels
+
+    def loss(self, b: tuple[list[Example], list[int], list[int]]) -> tuple[torch.Tensor, int]:
+        batch, cand, labels = b
+        q = self.enc.user_tokens([ex.history for ex in batch])
+        users = self.enc.embed(q)  # [B, D]
+        items = self.enc.items(cand)  # [M, D]
+        logits = users.float() @ items.float().T / self.f.temperature  # [B, M]; fp32 under autocast
+        loss = F.cross_entropy(logits, torch.tensor(labels, device=self.enc.device))
+        n_tok = sum(len(x) for x in q) + sum(len(x) for x in self.enc.item_tokens(cand))
+        return loss, n_tok
+
+    def evaluate(self) -> float | None:
+        if not self.valid:
+            return None
+        m, _, _ = evaluate_cases(self.enc, self.valid, "valid", "finetune", self.eval_batch)
+        return ndcg_at_10_micro(m)
+
+
+def run_finetune(
+    cfg: TrainConfig, base_dir: Path, data: LoadedData, out_dir: Path
+) -> loop.StageResult:
     from transformers import AutoModel
 
     from cprec.lm import load_tokenizer
@@ -280,7 +326,7 @@ def run_finetune(cfg: TrainConfig, base_dir: Path, data: LoadedData, out_dir: Pa
     f = cfg.finetune
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(f.seed)
-    acc = make_accelerator(cfg.model.device, 1, cfg.model.train_precision)
+    acc = loop.make_accelerator(cfg.model.device, 1, cfg.model.train_precision)
     device = acc.device
     tok = load_tokenizer(base_dir)
     model = AutoModel.from_pretrained(base_dir, dtype=torch.float32)
@@ -291,12 +337,14 @@ def run_finetune(cfg: TrainConfig, base_dir: Path, data: LoadedData, out_dir: Pa
         if f.lora.enabled:
             model.enable_input_require_grads()
     if f.lora.enabled:
-        model = apply_lora(model, f.lora, "FEATURE_EXTRACTION")
+        model = loop.apply_lora(model, f.lora, "FEATURE_EXTRACTION")
     elif f.freeze_layers:
         freeze_bottom(model, f.freeze_layers)
-    n_train, n_total = count_params(model)
+    n_train, n_total = loop.count_params(model)
     residual = seen = None
-    params = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": f.lr}]
+    params: list[dict[str, Any]] = [
+        {"params": [p for p in model.parameters() if p.requires_grad], "lr": f.lr}
+    ]
     n_items = len(data.data.items)
     if f.item_id_residual:
         dim = int(model.config.hidden_size)
@@ -330,7 +378,6 @@ def run_finetune(cfg: TrainConfig, base_dir: Path, data: LoadedData, out_dir: Pa
     examples = make_examples(data, f.samples_per_user, f.seed)
     if not examples:
         raise ValueError("finetune: no training example (every training sequence has < 2 items)")
-    dom_pool = {d: data.data.domain_items(d) for d in data.data.domains}
     valid = list(data.data.valid) if f.early_stopping else []
     if f.eval_cases is not None and len(valid) > f.eval_cases:
         pick = np.sort(
@@ -338,81 +385,40 @@ def run_finetune(cfg: TrainConfig, base_dir: Path, data: LoadedData, out_dir: Pa
         )
         valid = [valid[i] for i in pick]
 
-    rows: list[dict] = []
-    best, best_step, bad_evals = -1.0, 0, 0
-    best_state: dict[str, torch.Tensor] | None = None
-    rng = np.random.default_rng(f.seed + 1)
-    t0 = time.perf_counter()
-    tokens = window_tokens = 0
-    window_loss: list[float] = []
-    window_t = time.perf_counter()
-    stopped_early = False
-    model.train()
-    bar = tqdm(range(f.steps), desc="finetune", disable=not acc.is_main_process)
-    for step in bar:
-        # each process (DDP through accelerate) takes its own slice of the example stream
-        s0 = ((step * acc.num_processes + acc.process_index) * f.batch_size) % len(examples)
-        batch = [examples[(s0 + j) % len(examples)] for j in range(f.batch_size)]
-        cand, labels_list = build_candidates(batch, dom_pool, f.domain_negatives, rng)
-        users = enc.users([ex.history for ex in batch])  # [B, D]
-        items = enc.items(cand)  # [M, D]
-        logits = users.float() @ items.float().T / f.temperature  # [B, M]; fp32 under autocast
-        labels = torch.tensor(labels_list, device=device)
-        loss = F.cross_entropy(logits, labels)
-        acc.backward(loss)
-        if f.max_grad_norm > 0:
-            acc.clip_grad_norm_([p for g in params for p in g["params"]], f.max_grad_norm)
-        opt.step()
-        opt.zero_grad()
-        lr = sched.get_last_lr()[0]
-        sched.step()
-        n_tok = sum(len(x) for x in tt([enc.user_text(ex.history) for ex in batch], "query"))
-        n_tok += sum(len(x) for x in enc.item_tokens(cand))
-        tokens += n_tok
-        window_tokens += n_tok
-        window_loss.append(float(loss.detach()))
-        row: dict = {}
-        if (step + 1) % f.log_every == 0 or (step + 1) % f.eval_every == 0 or step + 1 == f.steps:
-            now = time.perf_counter()
-            row = {
-                "step": step + 1,
-                "loss": round(float(np.mean(window_loss)), 5),
-                "lr": lr,
-                "tokens": tokens,
-                "tokens_per_s": round(window_tokens / (now - window_t), 1),
-                "valid_ndcg10": "",
-            }
-            window_loss, window_tokens, window_t = [], 0, now
-        if valid and ((step + 1) % f.eval_every == 0 or step + 1 == f.steps):
-            m, _, _ = evaluate_cases(enc, valid, "valid", "finetune", cfg.evaluate.batch_size)
-            score = ndcg_at_10_micro(m)
-            row["valid_ndcg10"] = round(score, 5)
-            window_t = time.perf_counter()  # evaluation time is not training throughput
-            if score > best:
-                best, best_step, bad_evals = score, step + 1, 0
-                best_state = _trainable_state(model, residual)
-            else:
-                bad_evals += 1
-            bar.set_postfix(loss=row["loss"], ndcg10=f"{score:.4f}", best=f"{best:.4f}")
-            if bad_evals >= f.patience:
-                rows.append(row)
-                stopped_early = True
-                log.info(
-                    "finetune: early stop at step %d (best NDCG@10 %.4f at %d)",
-                    step + 1,
-                    best,
-                    best_step,
-                )
-                break
-        if row:
-            rows.append(row)
-    bar.close()
-    elapsed = time.perf_counter() - t0
-    if best_state is not None:
-        _load_trainable_state(model, residual, best_state)
+    objective = ContrastiveObjective(cfg, enc, acc, examples, valid)
+    update = loop.Update(
+        model,
+        opt,
+        sched,
+        acc=acc,
+        max_grad_norm=f.max_grad_norm,
+        clip=[p for g in params for p in g["params"]],
+    )
+    stopping = loop.EarlyStopping(f.patience, lambda: _trainable_state(model, residual))
+    meter = loop.Meter("tokens", scale=acc.num_processes)
+    out = loop.run(
+        objective,
+        update,
+        meter,
+        range(f.steps),
+        log_every=f.log_every,
+        eval_every=f.eval_every,
+        stopping=stopping,
+        desc="finetune",
+        progress=acc.is_main_process,
+    )
+    if out.stopped:
+        log.info(
+            "finetune: early stop at step %d (best NDCG@10 %.4f at %d)",
+            meter.rows[-1]["step"],
+            stopping.best,
+            stopping.best_step,
+        )
+    if stopping.state is not None:
+        _load_trainable_state(model, residual, stopping.state)
     model_dir = out_dir / "model"
     unwrapped = acc.unwrap_model(model)
-    save_merged(unwrapped, tok, model_dir)
+    loop.save_merged(unwrapped, tok, model_dir)
     if residual is not None:
         from safetensors.torch import save_file
 
@@ -424,37 +430,33 @@ def run_finetune(cfg: TrainConfig, base_dir: Path, data: LoadedData, out_dir: Pa
             str(out_dir / RESIDUAL_FILE),
         )
     summary = {
-        "steps_run": rows[-1]["step"] if rows else 0,
+        **meter.summary(),
+        "steps_run": meter.rows[-1]["step"] if meter.rows else 0,
         "steps": f.steps,
-        "stopped_early": stopped_early,
-        "best_valid_ndcg10": best if best >= 0 else None,
-        "best_step": best_step,
+        "stopped_early": out.stopped,
+        "best_valid_ndcg10": stopping.best if stopping.state is not None else None,
+        "best_step": stopping.best_step,
         "valid_cases": len(valid),
         "examples": len(examples),
         "trainable_params": n_train,
         "total_params": n_total,
-        "tokens": tokens,
-        "seconds": round(elapsed, 1),
-        "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1),
-        "first_loss": rows[0]["loss"] if rows else None,
-        "final_loss": rows[-1]["loss"] if rows else None,
         "item_id_residual": residual is not None,
         "pooling": pooling,
         "is_decoder": is_dec,
     }
-    write_log(rows, out_dir / "log.csv")
-    plot_curves(rows, out_dir / "curves.png", "fine-tuning", extra="valid_ndcg10")
+    loop.write_log(meter.rows, out_dir / "log.csv")
+    loop.plot_curves({"finetune": meter.rows}, out_dir / "curves.png", "fine-tuning")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     log.info(
         "finetune: %d steps in %.1fs (%.0f tokens/s), loss %s -> %s, best valid NDCG@10 %s",
         summary["steps_run"],
-        elapsed,
+        summary["seconds"],
         summary["tokens_per_s"],
         summary["first_loss"],
         summary["final_loss"],
         summary["best_valid_ndcg10"],
     )
-    return StageResult(model_dir, summary)
+    return loop.StageResult(model_dir, summary)
 
 
 _LAYER = re.compile(r"(?:^|\.)(?:layer|layers|h)\.(\d+)\.")

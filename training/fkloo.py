@@ -1,4 +1,5 @@
-"""Reader for the FK-LOO split (Amazon 2014 Food/Kitchen, leave-one-out), the quality benchmark.
+"""Reader for the FK-LOO split (Amazon 2014 Food/Kitchen, leave-one-out), the quality benchmark,
+into ``training.dataset``'s types.
 
 The protocol lives in ``<shared>/benchmarks/fk_loo/README.md``: mixed users give one valid and one
 test case each (target = second-to-last / last item), single-domain users are training-only.
@@ -10,13 +11,14 @@ from __future__ import annotations
 
 import csv
 import gzip
-import hashlib
 import io
-import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from model_store import sha256_file
+from training.config import shared_dir
+from training.dataset import Case, Dataset, Item, TrainSeq
 
 # sha256 of the protocol files, from the FK-LOO README (the split is byte-identical on rebuild).
 SHA256: dict[str, str] = {
@@ -26,80 +28,14 @@ SHA256: dict[str, str] = {
     "items.tsv.gz": "fe4410e407de6f2a311d6d71a16031fdbdbaa8200cb8576026fbd8ad3e0f6676",
 }
 FKLOO_RELPATH = Path("benchmarks") / "fk_loo"
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class FKLOOError(RuntimeError):
     """The FK-LOO files are missing or not the ones the protocol describes."""
 
 
-@dataclass(frozen=True)
-class FKItem:
-    item_id: int
-    domain: str
-    title: str
-
-
-@dataclass(frozen=True)
-class TrainSeq:
-    """One training sequence, chronological; ``domains`` is aligned with ``item_ids``."""
-
-    user_id: str
-    item_ids: list[int]
-    domains: list[str]
-
-
-@dataclass(frozen=True)
-class Case:
-    """One evaluation case: rank all items of ``domain`` (minus ``history``) for ``target``."""
-
-    user_id: str
-    history: list[int]
-    target: int
-    domain: str
-
-
-@dataclass
-class FKLOO:
-    items: list[FKItem]  # index == item_id
-    train: list[TrainSeq]
-    valid: list[Case]
-    test: list[Case]
-    root: Path
-    _domain_cache: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
-
-    @property
-    def domains(self) -> list[str]:
-        return sorted({it.domain for it in self.items})
-
-    def domain_items(self, domain: str) -> np.ndarray:
-        """Item ids of ``domain``, ascending (int64)."""
-        if domain not in self._domain_cache:
-            ids = np.array([it.item_id for it in self.items if it.domain == domain], dtype=np.int64)
-            if ids.size == 0:
-                raise KeyError(f"no items of domain {domain!r}; domains: {self.domains}")
-            self._domain_cache[domain] = ids
-        return self._domain_cache[domain]
-
-
-def shared_dir() -> Path:
-    """The shared data folder: ``$CPREC_SHARED_DIR``, else ``../shared`` beside the repo."""
-    env = os.environ.get("CPREC_SHARED_DIR")
-    if env:
-        return Path(env).expanduser().resolve()
-    return (REPO_ROOT.parent / "shared").resolve()
-
-
 def fkloo_dir() -> Path:
     return shared_dir() / FKLOO_RELPATH
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify(root: Path) -> None:
@@ -111,7 +47,7 @@ def verify(root: Path) -> None:
                 f"FK-LOO file {path} not found; set CPREC_SHARED_DIR to the folder holding "
                 f"{FKLOO_RELPATH}/ (currently {shared_dir()})"
             )
-        got = _sha256(path)
+        got = sha256_file(path)
         if got != want:
             raise FKLOOError(
                 f"{path}: sha256 {got} != {want} from the FK-LOO README; the file is not the "
@@ -130,8 +66,8 @@ def _ids(s: str) -> list[int]:
     return [int(x) for x in s.split(",")] if s else []
 
 
-def _read_items(path: Path) -> list[FKItem]:
-    items = [FKItem(int(r["item_id"]), r["domain"], r["title"]) for r in _rows(path)]
+def _read_items(path: Path) -> list[Item]:
+    items = [Item(int(r["item_id"]), r["domain"], r["title"]) for r in _rows(path)]
     for i, it in enumerate(items):
         if it.item_id != i:
             raise FKLOOError(
@@ -173,7 +109,7 @@ def subset_users(cases: list[Case], n: int, seed: int = 0) -> set[str]:
 
 def load_fkloo(
     root: Path | None = None, subset: int | None = None, seed: int = 0, check_sha: bool = True
-) -> FKLOO:
+) -> Dataset:
     """Load the split. ``subset`` keeps ``subset`` mixed users in valid and test (train unchanged,
     file order kept) for CPU budget runs; the sample depends only on ``seed``."""
     root = Path(root) if root is not None else fkloo_dir()
@@ -187,4 +123,4 @@ def load_fkloo(
         keep = subset_users(test, subset, seed)
         valid = [c for c in valid if c.user_id in keep]
         test = [c for c in test if c.user_id in keep]
-    return FKLOO(items=items, train=train, valid=valid, test=test, root=root)
+    return Dataset(items=items, train=train, valid=valid, test=test, root=root)

@@ -9,7 +9,9 @@ the protocol's valid NDCG@10 (the best epoch's weights are kept).
 
 The LM is frozen here: each item's text vector is computed once (cached on disk), so a training
 step costs a small transformer over 64-d vectors plus a full softmax, not an LM forward per target.
-Every stage reports targets/s; curves, a log CSV and a metrics table go to ``output_dir``.
+The steps, rows, early stopping and deadline are ``training/loop.py``'s (:class:`Plan` is the
+objective); every stage reports targets/s; curves, a log CSV and a metrics table go to
+``output_dir``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import copy
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,33 +28,24 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from tqdm.auto import tqdm
 
 from cprec.hier import HierConfig, HierRec
+from cprec.lm import LMSource
+from training.config import REPO_ROOT, ScheduleConfig, StrictModel, load_config, store_dir
+from training.dataset import Case, Dataset, Item, TrainSeq
 from training.evaluate import compute_metrics, ndcg_at_10_micro, rank_topk
-from training.fkloo import FKLOO, Case, FKItem, TrainSeq, load_fkloo
-from training.schedule import make_lambda
+from training.fkloo import load_fkloo
+from training.loop import EarlyStopping, Meter, Objective, Update, run
+from training.schedule import make_scheduler
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+LOG_EVERY = 50  # steps per row of the log
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ScheduleConfig(_Strict):
-    kind: Literal["wsa", "cosine", "constant"] = "wsa"
-    warmup_frac: float = Field(default=0.05, ge=0, lt=1)
-    anneal_frac: float = Field(default=0.2, ge=0, le=1)
-    min_ratio: float = Field(default=0.1, gt=0, le=1)
-    shape: Literal["linear", "cosine", "exponential"] = "cosine"
-
-
-class HierModelConfig(_Strict):
+class HierModelConfig(StrictModel):
     dim: int = Field(default=64, ge=8)
     layers: int = Field(default=2, ge=1)
     heads: int = Field(default=2, ge=1)
@@ -71,7 +64,7 @@ class HierModelConfig(_Strict):
     )
 
 
-class PretrainConfig(_Strict):
+class PretrainConfig(StrictModel):
     enabled: bool = True
     datasets: list[str] = Field(
         default_factory=list,
@@ -81,13 +74,15 @@ class PretrainConfig(_Strict):
     domain_sequences: bool = True
     epochs: float = Field(default=4.0, gt=0, description="Passes over the stage-1 corpus.")
     lr: float = Field(default=1e-3, gt=0)
-    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    schedule: ScheduleConfig = Field(
+        default_factory=lambda: ScheduleConfig(warmup_frac=0.05, anneal_frac=0.2)
+    )
     anneal_target_only: bool = Field(
         default=True, description="Annealing-phase batches come from the target dataset only."
     )
 
 
-class FinetuneConfig(_Strict):
+class FinetuneConfig(StrictModel):
     enabled: bool = True
     max_epochs: int = Field(default=20, ge=0)
     lr: float = Field(default=5e-4, gt=0)
@@ -95,7 +90,7 @@ class FinetuneConfig(_Strict):
     domain_sequences: bool = False
 
 
-class HierTrainConfig(_Strict):
+class HierTrainConfig(StrictModel):
     name: str = "hier"
     output_dir: Path = Path("var/runs/hier")
     seed: int = 2024
@@ -129,15 +124,8 @@ class HierTrainConfig(_Strict):
 
 
 def load_hier_config(path: Path | str, overrides: Sequence[str] = ()) -> HierTrainConfig:
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    for ov in overrides:
-        key, _, val = ov.partition("=")
-        node = raw
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(val)
-    return HierTrainConfig.model_validate(raw)
+    """``training.config.load_config`` for the hier recipe."""
+    return load_config(path, overrides, HierTrainConfig)
 
 
 # -- the corpus ------------------------------------------------------------------------------
@@ -158,12 +146,12 @@ class Source:
 class Corpus:
     """All items of every dataset in one table (target dataset first, so its ids are global)."""
 
-    items: list[FKItem]  # global; item_id == index
+    items: list[Item]  # global; item_id == index
     keys: list[str]  # the id the service knows an item by (target: its catalogue id)
     domains: list[str]
     item_domain: np.ndarray  # [N] index into domains
     sources: list[Source]
-    target: FKLOO  # target dataset with global ids (= its own ids: it comes first)
+    target: Dataset  # target dataset with global ids (= its own ids: it comes first)
 
     @property
     def target_source(self) -> Source:
@@ -188,7 +176,7 @@ def domain_subsequences(seqs: Sequence[TrainSeq]) -> list[list[int]]:
 DEMO_CATALOG = REPO_ROOT / "service" / "data" / "demo_catalog.jsonl"
 
 
-def toy_target(n_users: int = 400, seed: int = 0) -> tuple[FKLOO, list[str]]:
+def toy_target(n_users: int = 400, seed: int = 0) -> tuple[Dataset, list[str]]:
     """A generated dataset over the shipped demo catalogue, for smoke runs without the shared
     data: each user walks forward through two domains' item lists (a learnable pattern)."""
     from training.data import leave_one_out, read_catalogue
@@ -210,10 +198,10 @@ def toy_target(n_users: int = 400, seed: int = 0) -> tuple[FKLOO, list[str]]:
         ids = list(dict.fromkeys(ids))
         seqs.append(TrainSeq(f"toy{u}", ids, [cat.items[i].domain for i in ids]))
     train, valid, test = leave_one_out(seqs)
-    return FKLOO(cat.items, train, valid, test, DEMO_CATALOG.parent), list(cat.external_ids)
+    return Dataset(cat.items, train, valid, test, DEMO_CATALOG.parent), list(cat.external_ids)
 
 
-def load_target(target: str) -> tuple[FKLOO, list[str]]:
+def load_target(target: str) -> tuple[Dataset, list[str]]:
     """The target dataset and each item's catalogue id."""
     if target == "toy":
         return toy_target()
@@ -247,7 +235,7 @@ def build_corpus(cfg: HierTrainConfig) -> Corpus:
             ld = load_files(cat, inter, source=name)
             off = len(items)
             for it in ld.data.items:
-                items.append(FKItem(off + it.item_id, it.domain, it.title))
+                items.append(Item(off + it.item_id, it.domain, it.title))
                 keys.append(f"{name}:{ld.external_ids[it.item_id]}")
             s = Source(name, off, len(items))
             # Only the training part (valid/test targets held out), as for the target.
@@ -260,35 +248,23 @@ def build_corpus(cfg: HierTrainConfig) -> Corpus:
     return Corpus(items, keys, domains, item_domain, sources, tgt)
 
 
+def lm_source(cfg: HierTrainConfig) -> LMSource:
+    """The LM that makes the item text vectors (``cprec.lm.resolve_base_model``)."""
+    from cprec.lm import resolve_base_model
+
+    return resolve_base_model(cfg.lm, store_dir())
+
+
 def text_vectors(
-    cfg: HierTrainConfig, items: Sequence[FKItem], cache_dir: Path
+    cfg: HierTrainConfig, items: Sequence[Item], cache_dir: Path
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """[N, text_dim] LM vectors of the items' template text (cached on disk per catalogue)."""
-    from cprec.lm import BUNDLED
-    from training.baselines import (
-        DEFAULT_TEMPLATE,
-        EncodeStats,
-        cached_item_stats,
-        item_vectors,
-        load_encoder,
-    )
+    """[N, text_dim] LM vectors of the items' template text (cached on disk per catalogue),
+    pooled as the service pools them (``cprec.encoder.HFEncoder``)."""
+    from cprec.encoder import HFEncoder
+    from cprec.text import DEFAULT_TEMPLATE
+    from training.baselines import EncodeStats, cached_item_stats, item_vectors
 
-    if cfg.lm in BUNDLED:
-        enc = load_encoder(cfg.lm, REPO_ROOT / "var" / "store", max_length=cfg.lm_max_length)
-    else:  # a local HF folder, pooled as the service pools it
-        from transformers import AutoConfig
-
-        from cprec.lm import detect_pooling, is_decoder_config
-        from service.encoder import HFEncoder
-
-        path = Path(cfg.lm)
-        enc = HFEncoder(
-            path,
-            pooling=detect_pooling(path),
-            is_decoder=is_decoder_config(AutoConfig.from_pretrained(path)),
-            max_length=cfg.lm_max_length,
-            name=f"local-{path.name}",
-        )
+    enc = HFEncoder.from_source(lm_source(cfg), max_length=cfg.lm_max_length, device="cpu")
     st = EncodeStats(f"{cfg.lm} item texts")
     vecs, cached = item_vectors(
         enc, items, DEFAULT_TEMPLATE, cache_dir, st, cfg.lm_max_length, cfg.progress
@@ -455,66 +431,22 @@ class Trainer:
 
 
 @dataclass
-class StageLog:
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    targets: int = 0
-    steps: int = 0
-    train_s: float = 0.0
+class Plan(Objective):
+    """A run over a list of batches (step ``start + i`` is ``batches[i]``), scored on ``valid``."""
 
-    def summary(self, name: str, **extra: Any) -> dict[str, Any]:
-        return {
-            "stage": name,
-            "steps": self.steps,
-            "targets": self.targets,
-            "train_s": round(self.train_s, 1),
-            "targets_per_s": round(self.targets / max(self.train_s, 1e-9), 1),
-            "first_loss": next((r["loss"] for r in self.rows if "loss" in r), None),
-            "final_loss": next((r["loss"] for r in reversed(self.rows) if "loss" in r), None),
-            **extra,
-        }
+    trainer: Trainer
+    batches: Sequence[Batch]
+    valid: Sequence[Case]
+    start: int = 0
 
+    def batch(self, step: int, micro: int) -> Batch:
+        return self.batches[step - self.start]
 
-def run_steps(
-    trainer: Trainer,
-    batches: Sequence[Batch],
-    opt: torch.optim.Optimizer,
-    lr_of: Callable[[int], float],
-    base_lr: float,
-    slog: StageLog,
-    desc: str,
-    progress: bool,
-    deadline: float | None,
-    step0: int = 0,
-    log_every: int = 50,
-) -> tuple[int, bool]:
-    """One pass over ``batches``; returns (steps done, stopped by the deadline)."""
-    model = trainer.model
-    model.train()
-    bar = tqdm(batches, desc=desc, disable=not progress, leave=False, mininterval=2.0)
-    win, wn = 0.0, 0
-    for i, b in enumerate(bar):
-        if deadline is not None and time.perf_counter() > deadline:
-            return i, True
-        lr = base_lr * lr_of(step0 + i)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        t0 = time.perf_counter()
-        loss, n = trainer.loss(b)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        slog.train_s += time.perf_counter() - t0
-        slog.targets += n
-        slog.steps += 1
-        win += float(loss.detach())
-        wn += 1
-        if wn == log_every:
-            slog.rows.append({"step": step0 + i + 1, "loss": round(win / wn, 5), "lr": lr})
-            bar.set_postfix(loss=f"{win / wn:.3f}")
-            win, wn = 0.0, 0
-    if wn:
-        slog.rows.append({"step": step0 + len(batches), "loss": round(win / wn, 5), "lr": lr})
-    return len(batches), False
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, int]:
+        return self.trainer.loss(batch)
+
+    def evaluate(self) -> float:
+        return self.trainer.valid_ndcg(self.valid)
 
 
 @dataclass
@@ -552,13 +484,42 @@ def new_model(cfg: HierTrainConfig, corpus: Corpus, text: torch.Tensor) -> HierR
     return model
 
 
+def pretrain_plan(
+    cfg: HierTrainConfig, corpus: Corpus, rng: np.random.Generator
+) -> tuple[list[Batch], int]:
+    """Stage 1's batches and how many of them anneal: the whole mixture (every source's mixed and
+    per-domain sequences), shuffled per epoch, then the annealing phase's from the target dataset
+    only (CPRec's switch of the data mix)."""
+    p, ml = cfg.pretrain, cfg.model.max_len
+    mix: list[tuple[int, np.ndarray, np.ndarray]] = []
+    for si, s in enumerate(corpus.sources):
+        seqs = (s.mixed if p.mixed_sequences else []) + (s.domain if p.domain_sequences else [])
+        if seqs:
+            mix.append((si, *windows(seqs, ml)))
+    per_epoch = sum(len(make_batches(i, t, si, cfg.batch_targets, rng)) for si, i, t in mix)
+    total = max(1, int(per_epoch * p.epochs))
+    anneal = int(round(total * p.schedule.anneal_frac)) if p.schedule.kind == "wsa" else 0
+    plan: list[Batch] = []
+    while len(plan) < total - anneal:  # stable phase: the whole mixture, shuffled per epoch
+        ep = [b for si, i, t in mix for b in make_batches(i, t, si, cfg.batch_targets, rng)]
+        plan += [ep[j] for j in rng.permutation(len(ep))]
+    plan = plan[: total - anneal]
+    tail: list[Batch] = []
+    target_only = [(si, i, t) for si, i, t in mix if si == 0] if p.anneal_target_only else mix
+    while len(tail) < anneal:
+        ep = [b for si, i, t in target_only for b in make_batches(i, t, si, cfg.batch_targets, rng)]
+        tail += [ep[j] for j in rng.permutation(len(ep))]
+    return plan + tail[:anneal], anneal
+
+
 def train_hier(
     cfg: HierTrainConfig,
     corpus: Corpus,
     text: np.ndarray,
     valid: Sequence[Case],
 ) -> HierResult:
-    """Stage 1 (if enabled) then stage 2 with early stopping on ``valid``."""
+    """Stage 1 (if enabled) then stage 2 with early stopping on ``valid``; stage 1's result is a
+    candidate for the best state."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     if cfg.threads:
@@ -569,159 +530,100 @@ def train_hier(
     opt = torch.optim.Adam(model.parameters(), lr=cfg.pretrain.lr, fused=True)
     t_start = time.perf_counter()
     deadline = t_start + cfg.budget_minutes * 60 if cfg.budget_minutes else None
+    stopping = EarlyStopping(cfg.finetune.patience, lambda: copy.deepcopy(model.state_dict()))
     stages: dict[str, Any] = {}
     curves: dict[str, list[dict[str, Any]]] = {}
     history: list[dict[str, Any]] = []
-    ml = cfg.model.max_len
 
-    # stage 1 ------------------------------------------------------------------------------
     if cfg.pretrain.enabled:
         p = cfg.pretrain
-        mix: list[tuple[int, np.ndarray, np.ndarray]] = []
-        for si, s in enumerate(corpus.sources):
-            seqs = (s.mixed if p.mixed_sequences else []) + (s.domain if p.domain_sequences else [])
-            if seqs:
-                mix.append((si, *windows(seqs, ml)))
-        per_epoch = sum(len(make_batches(i, t, si, cfg.batch_targets, rng)) for si, i, t in mix)
-        total = max(1, int(per_epoch * p.epochs))
-        anneal = int(round(total * p.schedule.anneal_frac)) if p.schedule.kind == "wsa" else 0
-        lr_of = make_lambda(
-            p.schedule.kind,
-            total,
-            warmup_frac=p.schedule.warmup_frac,
-            anneal_frac=p.schedule.anneal_frac,
-            min_ratio=p.schedule.min_ratio,
-            shape=p.schedule.shape,
+        plan, anneal = pretrain_plan(cfg, corpus, rng)
+        sched = make_scheduler(opt, p.schedule.kind, len(plan), **p.schedule.kwargs())
+        meter = Meter("targets")
+        out = run(
+            Plan(trainer, plan, valid),
+            Update(model, opt, sched),
+            meter,
+            range(len(plan)),
+            log_every=LOG_EVERY,
+            stopping=stopping,
+            deadline=deadline,
+            desc="stage 1 (CPT)",
+            progress=cfg.progress,
+            leave=False,
         )
-        plan: list[Batch] = []
-        while len(plan) < total - anneal:  # stable phase: the whole mixture, shuffled per epoch
-            ep = [b for si, i, t in mix for b in make_batches(i, t, si, cfg.batch_targets, rng)]
-            plan += [ep[j] for j in rng.permutation(len(ep))]
-        plan = plan[: total - anneal]
-        tail: list[Batch] = []
-        target_only = [(si, i, t) for si, i, t in mix if si == 0] if p.anneal_target_only else mix
-        while len(tail) < anneal:  # annealing: the target dataset only (CPRec's data switch)
-            ep = [
-                b
-                for si, i, t in target_only
-                for b in make_batches(i, t, si, cfg.batch_targets, rng)
-            ]
-            tail += [ep[j] for j in rng.permutation(len(ep))]
-        plan += tail[:anneal]
-        slog = StageLog()
-        done, cut = run_steps(
-            trainer, plan, opt, lr_of, p.lr, slog, "stage 1 (CPT)", cfg.progress, deadline
-        )
-        v = trainer.valid_ndcg(valid)
-        stages["pretrain"] = slog.summary(
-            "stage 1: CPT (" + p.schedule.kind + ")",
-            planned_steps=total,
-            steps_run=done,
-            anneal_steps=anneal,
-            stopped_by_budget=cut,
-            sources={s.name: len(s.mixed) + len(s.domain) for s in corpus.sources},
-            valid_ndcg10=round(v, 5),
-        )
-        history.append({"stage": "pretrain", "valid_ndcg10": v, "steps": done})
-        curves["pretrain"] = slog.rows
+        stages["pretrain"] = {
+            "stage": f"stage 1: CPT ({p.schedule.kind})",
+            **meter.summary(),
+            "planned_steps": len(plan),
+            "steps_run": out.steps,
+            "anneal_steps": anneal,
+            "stopped_by_budget": out.cut,
+            "sources": {s.name: len(s.mixed) + len(s.domain) for s in corpus.sources},
+            "valid_ndcg10": None if out.score is None else round(out.score, 5),
+        }
+        history.append({"stage": "pretrain", "valid_ndcg10": out.score, "steps": out.steps})
+        curves["pretrain"] = meter.rows
         log.info("stage 1: %s", stages["pretrain"])
 
-    # stage 2 ------------------------------------------------------------------------------
-    best_state, best, bad = None, float("-inf"), 0
-    if history:
-        best, best_state = history[-1]["valid_ndcg10"], copy.deepcopy(model.state_dict())
     if cfg.finetune.enabled and cfg.finetune.max_epochs > 0:
         f = cfg.finetune
         tgt = corpus.target_source
-        seqs = tgt.mixed + (tgt.domain if f.domain_sequences else [])
-        inp, tg = windows(seqs, ml)
-        opt2 = torch.optim.Adam(model.parameters(), lr=f.lr, fused=True)
-        if not cfg.pretrain.enabled:
-            opt2 = opt  # same optimiser (and lr) a single-stage run would use
-        slog = StageLog()
+        inp, tg = windows(tgt.mixed + (tgt.domain if f.domain_sequences else []), cfg.model.max_len)
+        # without stage 1, the optimiser (and LR) a single-stage run would use
+        opt2 = opt
+        if cfg.pretrain.enabled:
+            opt2 = torch.optim.Adam(model.parameters(), lr=f.lr, fused=True)
+        update = Update(model, opt2, make_scheduler(opt2, "constant", 1, warmup_frac=0.0))
+        meter = Meter("targets")
         step = 0
         for ep in range(f.max_epochs):
             batches = make_batches(inp, tg, 0, cfg.batch_targets, rng)
-            n, cut = run_steps(
-                trainer,
-                batches,
-                opt2,
-                lambda _s: 1.0,
-                f.lr if cfg.pretrain.enabled else cfg.pretrain.lr,
-                slog,
-                f"stage 2 epoch {ep}",
-                cfg.progress,
-                deadline,
-                step0=step,
+            out = run(
+                Plan(trainer, batches, valid, start=step),
+                update,
+                meter,
+                range(step, step + len(batches)),
+                log_every=LOG_EVERY,
+                log_from=step,
+                stopping=stopping,
+                deadline=deadline,
+                desc=f"stage 2 epoch {ep}",
+                progress=cfg.progress,
+                leave=False,
             )
-            step += n
-            if n == 0:
+            step += out.steps
+            if out.steps == 0:
                 break
-            t0 = time.perf_counter()
-            v = trainer.valid_ndcg(valid)
             row = {
                 "stage": "finetune",
                 "epoch": ep,
-                "steps": n,
-                "valid_ndcg10": v,
-                "eval_s": round(time.perf_counter() - t0, 1),
-                "partial": cut,
+                "steps": out.steps,
+                "valid_ndcg10": out.score,
+                "eval_s": round(out.eval_s, 1),
+                "partial": out.cut,
             }
             history.append(row)
-            slog.rows.append({"step": step, "valid_ndcg10": round(v, 5)})
             log.info("stage 2: %s", row)
             if cfg.progress:
                 tqdm.write(f"hier {row}")
-            if v > best:
-                best, best_state, bad = v, copy.deepcopy(model.state_dict()), 0
-            else:
-                bad += 1
-            if bad >= f.patience or cut:
+            if out.stopped or out.cut:
                 break
-        stages["finetune"] = slog.summary(
-            "stage 2: fine-tune",
-            epochs=len([h for h in history if h["stage"] == "finetune"]),
-            best_valid_ndcg10=round(best, 5),
-        )
-        curves["finetune"] = slog.rows
-    if best_state is not None:
-        model.load_state_dict(best_state)
+        stages["finetune"] = {
+            "stage": "stage 2: fine-tune",
+            **meter.summary(),
+            "epochs": len([h for h in history if h["stage"] == "finetune"]),
+            "best_valid_ndcg10": round(stopping.best, 5),
+        }
+        curves["finetune"] = meter.rows
+    if stopping.state is not None:
+        model.load_state_dict(stopping.state)
     model.eval()
     stages["total_train_s"] = round(time.perf_counter() - t_start, 1)
-    return HierResult(model, trainer, stages, history, best, curves)
+    return HierResult(model, trainer, stages, history, stopping.best, curves)
 
 
 # -- outputs ---------------------------------------------------------------------------------
-
-
-def plot_hier_curves(curves: dict[str, list[dict[str, Any]]], path: Path) -> None:
-    """Loss and LR of each stage against the step, and stage 2's valid NDCG@10."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.2))
-    off = 0
-    for name, rows in curves.items():
-        lr = [r for r in rows if "loss" in r]
-        if lr:
-            axes[0].plot([off + r["step"] for r in lr], [r["loss"] for r in lr], label=name)
-            axes[1].plot([off + r["step"] for r in lr], [r["lr"] for r in lr], label=name)
-        vr = [r for r in rows if "valid_ndcg10" in r]
-        if vr:
-            axes[2].plot([off + r["step"] for r in vr], [r["valid_ndcg10"] for r in vr], "o-")
-        off += max((r["step"] for r in rows), default=0)
-    axes[0].set_ylabel("loss")
-    axes[1].set_ylabel("learning rate")
-    axes[2].set_ylabel("valid NDCG@10")
-    for a in axes:
-        a.set_xlabel("step")
-    axes[0].legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def pretrain_mix_sizes(corpus: Corpus) -> dict[str, int]:

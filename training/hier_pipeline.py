@@ -2,17 +2,19 @@
 (fine-tune, early stopping) -> evaluation -> publish. ``make train`` runs it on FK-LOO.
 
 ``python -m training hier --config configs/hier-cpu.yaml [--set key=value] [--no-publish]``
-writes under ``output_dir``: ``model/`` (``HierRec.save_pretrained``), ``curves.png`` (loss, LR,
-valid NDCG@10), ``log.csv``, ``metrics.json`` and ``catalog.jsonl`` (the target catalogue as the
-service reads it), then publishes a ``hier`` artifact (the LM folder at the root, the model under
-``hier/``) as ``latest`` and ``production`` and prints the command that serves it.
+writes under ``output_dir``: ``model/`` (a recommender folder, ``cprec.recommender``: the LM's files
+at its root, the ``HierRec`` under ``hier/``, ``recommender.json``; loadable with
+``Recommender.from_pretrained``), ``curves.png`` (loss, LR, valid NDCG@10), ``log.csv``,
+``metrics.json``, ``stages.json`` and ``catalog.jsonl`` (the target catalogue as the service reads
+it), then publishes ``model/`` as ``latest`` and ``production`` and prints the command that
+serves it.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
+import shutil
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -23,18 +25,24 @@ from typing import Any
 import numpy as np
 
 from cprec.hier import HierRec
+from cprec.recommender import RecommenderConfig, save_pretrained
+from cprec.text import DEFAULT_TEMPLATE
+from model_store import Artifact
+from training.config import store_dir as default_store
+from training.dataset import Case
 from training.evaluate import compute_metrics
-from training.fkloo import Case
 from training.hier import (
-    REPO_ROOT,
     Corpus,
     HierResult,
     HierTrainConfig,
     build_corpus,
-    plot_hier_curves,
+    lm_source,
+    load_hier_config,
     text_vectors,
     train_hier,
 )
+from training.loop import plot_curves, write_log
+from training.publish import metrics_table, publish
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +77,32 @@ def run_hier(cfg: HierTrainConfig) -> HierRun:
     return HierRun(cfg, corpus, text, res, stages, time.perf_counter() - t0)
 
 
+def recommender_config(run: HierRun) -> RecommenderConfig:
+    """What serving needs to load the run's model (``recommender.json``, the manifest's fields)."""
+    src = lm_source(run.cfg)
+    return RecommenderConfig(
+        kind="hier",
+        base_model=run.cfg.lm,
+        pooling=src.pooling,
+        is_decoder=src.is_decoder,
+        dim=run.model.cfg.dim,
+        max_length=run.cfg.lm_max_length,
+        template=DEFAULT_TEMPLATE.model_dump(),
+    )
+
+
 def write_outputs(run: HierRun, out_dir: Path) -> dict[str, Any]:
-    """Model folder, curves, log and the metrics of valid and test."""
+    """The recommender folder ``model/``, curves, log and the metrics of valid and test."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    run.model.save_pretrained(out_dir / "model")
-    plot_hier_curves(run.result.curves, out_dir / "curves.png")
-    rows = [{"stage": k, **r} for k, rs in run.result.curves.items() for r in rs]
-    keys = sorted({k for r in rows for k in r})
-    with open(out_dir / "log.csv", "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
+    folder = out_dir / "model"
+    if folder.exists():  # a previous run's files must not ride along into a publish
+        shutil.rmtree(folder)
+    save_pretrained(folder, lm_source(run.cfg).path, recommender_config(run), hier=run.model)
+    plot_curves(run.result.curves, out_dir / "curves.png")
+    write_log(
+        [{"stage": k, **r} for k, rs in run.result.curves.items() for r in rs],
+        out_dir / "log.csv",
+    )
     tgt = run.corpus.target
     metrics = {
         split: compute_metrics(run.rank(cases), cases, tgt.items, name=run.cfg.name, split=split)
@@ -110,52 +133,16 @@ def write_catalog(run: HierRun, path: Path) -> Path:
     return path
 
 
-def lm_folder(name: str) -> tuple[Path, str, bool]:
-    """(HF folder, pooling, is_decoder) of the LM that made the item vectors."""
-    from cprec.lm import BUNDLED, bundled_dir, detect_pooling, is_decoder_config
-
-    if name in BUNDLED:
-        spec = BUNDLED[name]
-        return bundled_dir(name, REPO_ROOT / "var" / "store"), spec.pooling, spec.is_decoder
-    from transformers import AutoConfig
-
-    path = Path(name)
-    return path, detect_pooling(path), is_decoder_config(AutoConfig.from_pretrained(path))
-
-
-def publish_hier(
+def stage_publish(
     run: HierRun,
     out_dir: Path,
     metrics: dict[str, Any],
-    store_dir: Path,
+    store: Path,
     production: bool = True,
     version: str | None = None,
-):  # type: ignore[no-untyped-def]
-    """A ``hier`` artifact: the LM folder (for new items and unmatched titles) at the root and
-    the model under ``hier/``; the manifest records the kind and both dimensions."""
-    from cprec.text import Template
-    from model_store.store import Manifest, ModelStore
-    from training.publish import compact_metrics, metrics_table
-
-    lm_dir, pooling, is_dec = lm_folder(run.cfg.lm)
-    store = ModelStore(store_dir)
-    version = version or f"{run.cfg.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+) -> Artifact:
+    """Publish ``out_dir/model`` (written by :func:`write_outputs`) with the curves and log."""
     cfg = run.model.cfg
-    manifest = Manifest(
-        version=version,
-        kind="hier",
-        base_model=run.cfg.lm,
-        pooling=pooling,
-        is_decoder=is_dec,
-        dim=cfg.dim,
-        max_length=run.cfg.lm_max_length,
-        template=Template().model_dump(),
-        config={"train": run.cfg.dump(), "hier": cfg.to_dict()},
-        data_hash=None,
-        metrics={"eval": compact_metrics(metrics), "training": {"stages": run.stages}},
-    )
-    extra = {f"hier/{p.name}": p for p in (out_dir / "model").iterdir() if p.is_file()}
-    extra |= {"curves/hier.png": out_dir / "curves.png", "logs/hier.csv": out_dir / "log.csv"}
     card = [
         "## Model",
         "",
@@ -164,35 +151,28 @@ def publish_hier(
         f"training items); user = {cfg.layers}-layer causal transformer over the last "
         f"{cfg.max_len} items; score = {cfg.score}.",
         "",
-        "## Evaluation",
-        "",
-        metrics_table(metrics),
-        "",
-        "## Training",
-        "",
-        "```json",
-        json.dumps(run.stages, indent=2),
-        "```",
-        "",
-        "![loss, LR, valid NDCG@10](curves/hier.png)",
     ]
-    aliases = ["latest"] + (["production"] if production else [])
-    art = store.publish(
-        lm_dir, manifest, aliases=aliases, card_extra="\n".join(card), extra_files=extra
+    return publish(
+        out_dir / "model",
+        store,
+        name=run.cfg.name,
+        version=version,
+        production=production,
+        train_config={"train": run.cfg.dump(), "hier": cfg.to_dict()},
+        metrics=metrics,
+        training={"stages": run.stages},
+        extra_files={
+            "curves/hier.png": out_dir / "curves.png",
+            "logs/hier.csv": out_dir / "log.csv",
+        },
+        card=card,
     )
-    log.info("published %s to %s (%s)", art.version, store.root, ", ".join(aliases))
-    return art
 
 
 def main_hier(
     config: Path, overrides: Sequence[str], publish: bool = True, store_dir: Path | None = None
 ) -> int:
     """``python -m training hier``: train, evaluate, publish, print the serve command."""
-    import os
-
-    from training.hier import load_hier_config
-    from training.publish import metrics_table
-
     cfg = load_hier_config(config, overrides)
     log.info("config: %s", json.dumps(cfg.dump()))
     run = run_hier(cfg)
@@ -204,8 +184,8 @@ def main_hier(
     print(f"total {run.wall_s:.0f} s", flush=True)
     if not publish:
         return 0
-    store = Path(store_dir or os.environ.get("CPREC_STORE_DIR") or REPO_ROOT / "var" / "store")
-    art = publish_hier(run, cfg.output_dir, metrics, store)
+    store = store_dir or default_store()
+    art = stage_publish(run, cfg.output_dir, metrics, store)
     print(
         f"published {art.version} to {store} as production\n"
         "serve it on its catalogue with:\n"

@@ -1,26 +1,15 @@
-"""The whole training pipeline from one config: data -> corpus -> CPT -> fine-tune -> evaluate ->
-publish. Each stage writes under ``cfg.output_dir`` and can also be run alone (``python -m
-training <stage>``); a completed CPT with the same config is reused, not recomputed.
+"""The flat pipeline from one config: data -> corpus -> CPT -> fine-tune -> evaluate -> publish.
+Each stage writes under ``cfg.output_dir`` and can also be run alone (``python -m training
+<stage>``); a completed CPT with the same config is reused, not recomputed (with
+``shared_cpt_dir`` set, across runs: the benchmark rows of ``bench/flat_systems.py`` share it).
 
-For the quality benchmark (``bench/quality.py``)::
+``run_pipeline(cfg, data, cases)`` returns a :class:`SystemResult`::
 
-    from training.pipeline import SYSTEMS, run_system
-    res = run_system("cprec", cfg, data)      # cfg: TrainConfig, data: training.data.LoadedData
     res.ranked["test"]                        # list[list[int]]: 50 ids per data.data.test case
     res.metrics["test"]                       # training.evaluate.compute_metrics(...) output
     res.stages["cpt"]["tokens_per_s"]         # throughput per stage (cpt is {} when skipped)
 
-``SYSTEMS`` maps a row name to its config change:
-
-* ``finetune-only``      — no CPT; the base model fine-tuned as a dual encoder;
-* ``cprec``              — CPT (mixed + domain-specific corpus, WSA schedule) then fine-tune;
-* ``cprec-cosine``       — the same with a cosine CPT schedule (ablation);
-* ``cprec-domain-only``  — CPT on domain-specific sequences only (``corpus.mixed_ratio=0``);
-* ``cprec-idres``        — ``cprec`` plus the item-ID residual (evaluation-only, see finetune.py).
-
-``run_system`` uses ``<cfg.output_dir>/<name>/`` for its run and a CPT directory keyed by the CPT
-and corpus settings, so ``cprec`` and ``cprec-idres`` share one CPT run. ``cases`` lists can be
-passed to rank other cases than the data's valid/test (e.g. a subset).
+``cases`` lists can be passed to rank other cases than the data's valid/test (e.g. a subset).
 """
 
 from __future__ import annotations
@@ -28,56 +17,27 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cprec.lm import BUNDLED, bundled_dir
+from cprec.lm import LMSource, is_decoder_config, resolve_base_model
+from cprec.recommender import RecommenderConfig, save_pretrained
+from model_store import Artifact
 from training.config import TrainConfig
 from training.corpus import build_corpus, format_stats, hf_token_counter, read_corpus, write_corpus
-from training.cpt import run_cpt, stage_key
+from training.cpt import run_cpt
 from training.data import LoadedData, load_data
+from training.dataset import Case
 from training.evaluate import write_topk_jsonl
 from training.finetune import RESIDUAL_FILE, evaluate_cases, load_dual_encoder, run_finetune
-from training.fkloo import Case
-from training.publish import metrics_table, publish_model
+from training.loop import stage_key
+from training.publish import metrics_table, publish, training_numbers
 
 log = logging.getLogger(__name__)
-
-
-def _finetune_only(c: TrainConfig) -> None:
-    c.cpt.enabled = False
-
-
-def _cprec(c: TrainConfig) -> None:
-    c.cpt.enabled = True
-
-
-def _cosine(c: TrainConfig) -> None:
-    c.cpt.enabled = True
-    c.cpt.schedule.kind = "cosine"
-
-
-def _domain_only(c: TrainConfig) -> None:
-    c.cpt.enabled = True
-    c.corpus.mixed_ratio = 0.0
-
-
-def _idres(c: TrainConfig) -> None:
-    c.cpt.enabled = True
-    c.finetune.item_id_residual = True
-
-
-SYSTEMS: dict[str, Callable[[TrainConfig], None]] = {
-    "finetune-only": _finetune_only,
-    "cprec": _cprec,
-    "cprec-cosine": _cosine,
-    "cprec-domain-only": _domain_only,
-    "cprec-idres": _idres,
-}
 
 
 @dataclass
@@ -90,37 +50,22 @@ class SystemResult:
     artifact_version: str | None = None
 
 
-def system_config(name: str, cfg: TrainConfig) -> TrainConfig:
-    if name not in SYSTEMS:
-        raise KeyError(f"unknown system {name!r}; known: {sorted(SYSTEMS)}")
-    c = cfg.model_copy(deep=True)
-    SYSTEMS[name](c)
-    c.name = name
-    c.output_dir = cfg.output_dir / name
-    return c
-
-
 def setup(cfg: TrainConfig) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
 
 
-def base_dir(cfg: TrainConfig) -> Path:
-    """The base model as a local HF folder (bundled bases are cached in the store dir)."""
-    if cfg.model.base in BUNDLED:
-        return bundled_dir(cfg.model.base, cfg.publish.resolved_store())
-    p = Path(cfg.model.base)
-    if not (p / "config.json").is_file():
-        raise FileNotFoundError(
-            f"model.base {cfg.model.base!r} is neither a bundled name "
-            f"({sorted(BUNDLED)}) nor a local HF folder with config.json"
-        )
-    return p
+def base_model(cfg: TrainConfig) -> LMSource:
+    """The base model (``cprec.lm.resolve_base_model``; a bundled base that needs converting is
+    converted into the model store once)."""
+    return resolve_base_model(cfg.model.base, cfg.publish.resolved_store())
 
 
 def cpt_dir(cfg: TrainConfig) -> Path:
-    """CPT output keyed by what determines it, shared by systems with the same CPT."""
+    """``output_dir/cpt``; with ``shared_cpt_dir``, a folder there keyed by what determines CPT."""
+    if cfg.shared_cpt_dir is None:
+        return cfg.output_dir / "cpt"
     key = stage_key(
         {
             "cpt": cfg.cpt.model_dump(mode="json"),
@@ -130,7 +75,7 @@ def cpt_dir(cfg: TrainConfig) -> Path:
             "data": cfg.data.model_dump(mode="json"),
         }
     )
-    return cfg.output_dir.parent / "_cpt" / key if cfg.name in SYSTEMS else cfg.output_dir / "cpt"
+    return cfg.shared_cpt_dir / key
 
 
 # -- stages ---------------------------------------------------------------------------------------
@@ -140,7 +85,7 @@ def stage_corpus(cfg: TrainConfig, data: LoadedData, out_dir: Path | None = None
     from cprec.lm import load_tokenizer
 
     out_dir = out_dir or cfg.output_dir / "corpus"
-    tok = load_tokenizer(base_dir(cfg))
+    tok = load_tokenizer(base_model(cfg).path)
     chunks, stats = build_corpus(data, cfg.template, cfg.corpus, hf_token_counter(tok))
     path = write_corpus(chunks, stats, out_dir)
     print(format_stats(stats), flush=True)
@@ -148,16 +93,18 @@ def stage_corpus(cfg: TrainConfig, data: LoadedData, out_dir: Path | None = None
 
 
 def stage_cpt(cfg: TrainConfig, data: LoadedData) -> tuple[Path, dict]:
+    base = base_model(cfg).path
     if not cfg.cpt.enabled:
-        return base_dir(cfg), {}
+        return base, {}
     out = cpt_dir(cfg)
     corpus_path = stage_corpus(cfg, data, out / "corpus")
-    res = run_cpt(cfg, base_dir(cfg), read_corpus(corpus_path), out)
+    res = run_cpt(cfg, base, read_corpus(corpus_path), out)
     return res.model_dir, res.summary
 
 
 def stage_finetune(cfg: TrainConfig, data: LoadedData, start: Path) -> tuple[Path, dict]:
     res = run_finetune(cfg, start, data, cfg.output_dir / "finetune")
+    save_recommender(cfg, res.model_dir)
     return res.model_dir, res.summary
 
 
@@ -225,13 +172,48 @@ def write_catalog(data: LoadedData, path: Path) -> Path:
     return path
 
 
+def save_recommender(cfg: TrainConfig, model_dir: Path) -> Path:
+    """``model_dir`` as a ``flat`` recommender folder (``cprec.recommender``): its
+    ``recommender.json`` is written beside the weights; a folder that is not this run's own (the
+    base or a shared CPT, when nothing was fine-tuned) is copied to ``output_dir/model`` first."""
+    from transformers import AutoConfig
+
+    hf = AutoConfig.from_pretrained(model_dir)
+    is_dec = is_decoder_config(hf)
+    config = RecommenderConfig(
+        kind="flat",
+        base_model=cfg.model.base,
+        pooling="last" if is_dec else "mean",
+        is_decoder=is_dec,
+        dim=int(hf.hidden_size),
+        max_length=cfg.model.max_length,
+        template=cfg.template.model_dump(),
+    )
+    own = model_dir.resolve().is_relative_to(cfg.output_dir.resolve())
+    return save_pretrained(model_dir if own else cfg.output_dir / "model", model_dir, config)
+
+
+def saved_stages(cfg: TrainConfig) -> dict[str, Any]:
+    """The CPT and fine-tuning summaries a previous run left (``{}`` for a stage it did not run)."""
+    out: dict[str, Any] = {}
+    for name, path in (
+        ("finetune", cfg.output_dir / "finetune" / "summary.json"),
+        ("cpt", cpt_dir(cfg) / "summary.json"),
+    ):
+        ok = path.is_file() and (name != "cpt" or cfg.cpt.enabled)
+        out[name] = json.loads(path.read_text()) if ok else {}
+    return out
+
+
 def stage_publish(
     cfg: TrainConfig,
     data: LoadedData,
     model_dir: Path,
     metrics: dict[str, Any],
     stages: dict[str, Any],
-):  # type: ignore[no-untyped-def]
+) -> Artifact:
+    """Write the catalogue beside the run and publish ``model_dir`` with curves, logs, metrics."""
+    write_catalog(data, cfg.output_dir / "catalog.jsonl")
     ft = cfg.output_dir / "finetune"
     cp = cpt_dir(cfg)
     extra = {"curves/finetune.png": ft / "curves.png", "logs/finetune.csv": ft / "log.csv"}
@@ -245,23 +227,22 @@ def stage_publish(
     mpath.parent.mkdir(parents=True, exist_ok=True)
     mpath.write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     extra["metrics.json"] = mpath
-    return publish_model(cfg, model_dir, data.data_hash, metrics, stages, extra)
+    return publish(
+        save_recommender(cfg, model_dir),
+        cfg.publish.resolved_store(),
+        name=cfg.name,
+        version=cfg.publish.version,
+        production=cfg.publish.production,
+        parent=cfg.publish.parent,
+        train_config=cfg.dump(),
+        data_hash=data.data_hash,
+        metrics=metrics,
+        training=training_numbers(stages),
+        extra_files=extra,
+    )
 
 
 # -- entry points ---------------------------------------------------------------------------------
-
-
-def run_system(
-    name: str,
-    cfg: TrainConfig,
-    data: LoadedData | None = None,
-    cases: dict[str, Sequence[Case]] | None = None,
-    publish: bool = False,
-) -> SystemResult:
-    """Train and evaluate one benchmark row (see the module docstring)."""
-    c = system_config(name, cfg)
-    c.publish.enabled = publish
-    return run_pipeline(c, data, cases)
 
 
 def run_pipeline(
@@ -285,7 +266,6 @@ def run_pipeline(
     stages["evaluate"] = {"seconds": round(time.perf_counter() - t_eval, 1)}
     version = None
     if cfg.publish.enabled:
-        write_catalog(data, cfg.output_dir / "catalog.jsonl")
         art = stage_publish(cfg, data, model_dir, metrics, stages)
         version = art.version
     stages["total_seconds"] = round(time.perf_counter() - t0, 1)

@@ -1,12 +1,12 @@
-"""Publish a fine-tuned model into the model store (the only way training hands models over).
+"""Publish a recommender folder into the model store: the only way training hands a model over.
 
-The version directory is the merged (LoRA folded in) plain HF backbone + tokenizer, loadable with
-``AutoModel.from_pretrained`` / ``AutoTokenizer.from_pretrained`` as ``service.engine.load_model``
-does. The manifest carries what the service needs (pooling, is_decoder, dim, max_length, the
-template dump) and what an audit needs (base model, parent, resolved config, data hash, metrics).
-Curves, logs and the metrics JSON go in as extra files and the model card gets a metrics table.
-The optional item-ID residual is evaluation-only and is *not* published (the service encodes
-items from text).
+The folder is what ``cprec.recommender.save_pretrained`` writes (the LM's HF files, ``hier/`` for a
+``hier`` model, ``recommender.json``) and what ``Recommender.from_pretrained`` reads back. The
+manifest takes the model's fields from ``recommender.json`` (kind, base model, pooling,
+is_decoder, dim, max_length, template) and adds what an audit needs (parent, resolved config, data
+hash, metrics). Curves, logs and the metrics JSON go in as extra files and the model card gets a
+metrics table. The flat pipeline's item-ID residual is evaluation-only and is *not* published (the
+service encodes items from text).
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from model_store import ModelStore
-from model_store.store import Artifact, Manifest
-from training.config import TrainConfig
+from cprec.recommender import read_config
+from model_store import Artifact, Manifest, ModelStore
 from training.evaluate import METRICS
 
 log = logging.getLogger(__name__)
@@ -40,43 +40,43 @@ def metrics_table(metrics: dict[str, Any]) -> str:
 def compact_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     """split -> domain -> metric, without the name/list_length wrappers (manifest-sized)."""
     return {
-        split: {dom: {k: v for k, v in vals.items()} for dom, vals in m.get("metrics", m).items()}
+        split: {dom: dict(vals) for dom, vals in m.get("metrics", m).items()}
         for split, m in metrics.items()
     }
 
 
-def publish_model(
-    cfg: TrainConfig,
-    model_dir: Path,
-    data_hash: str,
+def publish(
+    folder: Path,
+    store: Path,
+    *,
+    name: str,
+    train_config: dict[str, Any],
     metrics: dict[str, Any],
-    stages: dict[str, Any],
-    extra_files: dict[str, Path] | None = None,
-    store_dir: Path | None = None,
+    training: dict[str, Any],
+    version: str | None = None,
+    production: bool = False,
+    parent: str | None = None,
+    data_hash: str | None = None,
+    extra_files: Mapping[str, Path] | None = None,
+    card: Sequence[str] = (),
 ) -> Artifact:
-    from transformers import AutoConfig
-
-    from cprec.lm import is_decoder_config
-
-    hf = AutoConfig.from_pretrained(model_dir)
-    is_dec = is_decoder_config(hf)
-    store = ModelStore(store_dir or cfg.publish.resolved_store())
-    version = cfg.publish.version or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
-    aliases = ["latest"] + (["production"] if cfg.publish.production else [])
+    """Publish the recommender ``folder`` into the store at ``store`` as ``version`` (default
+    ``<name>-<UTC time>``), moving ``latest`` (and ``production``). ``metrics``: split ->
+    ``compute_metrics`` output; ``training``: the stages' numbers; ``card``: lines that open the
+    model card (e.g. a ``## Model`` section). Extra files that do not exist are left out."""
+    config, _ = read_config(folder)
+    version = version or f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     manifest = Manifest(
+        **config.manifest_fields(),
         version=version,
-        base_model=cfg.model.base,
-        pooling="last" if is_dec else "mean",
-        is_decoder=is_dec,
-        dim=int(hf.hidden_size),
-        max_length=cfg.model.max_length,
-        template=cfg.template.model_dump(),
-        parent=cfg.publish.parent,
-        config=cfg.dump(),
+        parent=parent,
+        config=train_config,
         data_hash=data_hash,
-        metrics={"eval": compact_metrics(metrics), "training": _training_numbers(stages)},
+        metrics={"eval": compact_metrics(metrics), "training": training},
     )
-    card = [
+    files = {k: Path(v) for k, v in (extra_files or {}).items() if Path(v).is_file()}
+    lines = [
+        *card,
         "## Evaluation",
         "",
         metrics_table(metrics) if metrics else "(not evaluated)",
@@ -84,24 +84,25 @@ def publish_model(
         "## Training",
         "",
         "```json",
-        json.dumps(_training_numbers(stages), indent=2),
+        json.dumps(training, indent=2),
         "```",
     ]
-    files = dict(extra_files or {})
-    if "curves/cpt.png" in files:
-        card += ["", "![CPT loss and LR](curves/cpt.png)"]
-    if "curves/finetune.png" in files:
-        card += ["", "![fine-tuning loss, LR, valid NDCG@10](curves/finetune.png)"]
-    files = {k: v for k, v in files.items() if Path(v).is_file()}
-    # Only serving files go in: weights, config, tokenizer (no optimizer state, no residual).
-    art = store.publish(
-        model_dir, manifest, aliases=aliases, card_extra="\n".join(card), extra_files=files
+    for rel in files:
+        if rel.startswith("curves/"):
+            lines += [
+                "",
+                f"![{Path(rel).stem}: loss, LR and valid NDCG@10 against the step]({rel})",
+            ]
+    aliases = ["latest"] + (["production"] if production else [])
+    art = ModelStore(store).publish(
+        folder, manifest, aliases=aliases, card_extra="\n".join(lines), extra_files=files
     )
-    log.info("published %s to %s (aliases %s)", art.version, store.root, ", ".join(aliases))
+    log.info("published %s to %s (aliases %s)", art.version, store, ", ".join(aliases))
     return art
 
 
-def _training_numbers(stages: dict[str, Any]) -> dict[str, Any]:
+def training_numbers(stages: dict[str, Any]) -> dict[str, Any]:
+    """The flat pipeline's stage summaries, cut to what a manifest keeps."""
     keep = (
         "steps",
         "steps_run",

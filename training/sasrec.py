@@ -9,8 +9,9 @@ stopping on the protocol's valid NDCG@10 (micro) with the best epoch's weights k
 Unlike RecBole, pairs are not padded one by one to 50 positions: a sequence is fed once and every
 position's state is its pair's state (causal mask, positions counted from the oldest item), see
 :func:`build_windows`; a step takes windows until it holds ``batch_size`` (256) pairs. Same pairs,
-model and loss as the anchor; the encoder runs on ~0.4M tokens an epoch instead of ~18M padded
-ones. (Pairs of one user now share a batch; the anchor shuffled pairs independently.)
+model and loss as the anchor, for a small fraction of the encoder's work
+(docs/decisions/005-sequence-windows.md). (Pairs of one user now share a batch; the anchor
+shuffled pairs independently.)
 Sequences are left-aligned and right-padded; with a causal mask a real position never attends to
 padding, so no key-padding mask is needed.
 """
@@ -31,8 +32,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cprec.hier import Block
+from training.dataset import Case, Item
 from training.evaluate import compute_metrics, ndcg_at_10_micro, rank_from_scores
-from training.fkloo import Case, FKItem
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ def score_cases(model: SASRec, cases: Sequence[Case]) -> torch.Tensor:
 
 
 def rank_sasrec(
-    model: SASRec, cases: Sequence[Case], items: Sequence[FKItem], k: int = 50, batch: int = 512
+    model: SASRec, cases: Sequence[Case], items: Sequence[Item], k: int = 50, batch: int = 512
 ) -> list[list[int]]:
     return rank_from_scores(lambda b: score_cases(model, b), cases, items, k=k, batch=batch)
 
@@ -299,7 +300,7 @@ def fit(
 
 
 def valid_ndcg_fn(
-    cases: Sequence[Case], items: Sequence[FKItem], batch: int = 512
+    cases: Sequence[Case], items: Sequence[Item], batch: int = 512
 ) -> Callable[[SASRec], float]:
     """The protocol's valid NDCG@10 (micro, target domain only, history masked)."""
 

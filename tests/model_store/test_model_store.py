@@ -208,3 +208,46 @@ def test_changed_byte_in_manifest_is_refused(tmp_path):
     with pytest.raises(ArtifactError) as err:
         store.load("latest")
     assert err.value.file == "manifest.json"
+
+
+def test_publish_dir_and_verify_are_the_one_primitive(tmp_path: Path) -> None:
+    """What the store and the service's index snapshots both write: a whole directory or none,
+    with a manifest listing every file's sha256 and its own checksum beside it."""
+    from model_store import publish_dir, verify, write_atomic
+
+    def write(tmp: Path) -> dict[str, object]:
+        (tmp / "a.bin").write_bytes(b"alpha")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "b.txt").write_text("beta")
+        return {"kind": "test"}
+
+    path = publish_dir(tmp_path, "v1", write)
+    manifest = verify(path)
+    assert manifest["kind"] == "test" and set(manifest["files"]) == {"a.bin", "sub/b.txt"}
+    with pytest.raises(ArtifactError, match="already exists"):
+        publish_dir(tmp_path, "v1", write)
+    (path / "sub" / "b.txt").write_text("BETA")
+    with pytest.raises(ArtifactError) as err:
+        verify(path)
+    assert err.value.file == "sub/b.txt"
+
+    def boom(tmp: Path) -> dict[str, object]:
+        (tmp / "half").write_text("x")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        publish_dir(tmp_path, "v2", boom)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v1"]  # nothing half-written left
+    write_atomic(tmp_path / "CURRENT", b"v1\n")
+    assert (tmp_path / "CURRENT").read_bytes() == b"v1\n"
+
+
+def test_a_loader_refuses_files_the_manifest_does_not_cover(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "w.bin").write_bytes(b"w")
+    art = ModelStore(tmp_path / "store").publish(src, _manifest())
+    art.require(["w.bin"])
+    with pytest.raises(ArtifactError, match="not listed in the manifest") as err:
+        art.require(["w.bin", "hier/extra.bin"])
+    assert err.value.file == "hier/extra.bin"

@@ -15,11 +15,12 @@ from bench.common import HTTPConn, drive, probe
 
 
 async def _serve(make_settings: Callable[..., Any]) -> tuple[uvicorn.Server, asyncio.Task[None]]:
-    from service.app import create_app
-    from service.encoder import FakeEncoder
+    from cprec.encoder import FakeEncoder
+    from cprec.recommender import Recommender
+    from service.api import create_app
     from service.engine import Engine
 
-    engine = Engine(make_settings(), encoder=FakeEncoder(dim=64), model_version="fake-v1")
+    engine = Engine(make_settings(), model=Recommender(FakeEncoder(dim=64), "fake-v1"))
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(create_app(engine=engine), host="127.0.0.1", port=port, log_level="warning")

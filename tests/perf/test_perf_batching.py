@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cprec.encoder import FakeEncoder, HFEncoder
 from service.batcher import Batcher, padding_groups
-from service.encoder import FakeEncoder, HFEncoder
 
 TEXTS = [
     "Food: coffee",
@@ -112,10 +112,11 @@ async def test_engine_caps_forward_tokens_by_default_on_cpu(app_client, setting,
 def test_forward_tokens_setting_resolves_per_device() -> None:
     from service.settings import Settings
 
-    assert Settings().resolved_max_forward_tokens("cpu") == 2048
-    assert Settings().resolved_max_forward_tokens("cuda") is None  # one padded forward on a GPU
+    assert Settings().tuning.for_device("cpu").batch_max_forward_tokens == 2048
+    # one padded forward on a GPU
+    assert Settings().tuning.for_device("cuda").batch_max_forward_tokens is None
     with pytest.raises(ValueError, match="batch_max_forward_tokens"):
-        Settings(batch_max_forward_tokens=0)
+        Settings(tuning={"batch_max_forward_tokens": 0})
 
 
 class _CountingTokenizer(FakeEncoder):

@@ -1,8 +1,9 @@
 """Every torch op of the service runs on one thread: the model load, the warm-up, the item
-embeddings of the start-up index and the request forwards (issue 5).
+embeddings of the start-up index and the request forwards.
 
 With the load on another thread, torch's libgomp held more OpenMP threads than the 2 CPUs and
-stopped spin-waiting, which halved MiniLM's forward speed (bench/serve.py). This pins the thread
+stopped spin-waiting and every forward slowed (docs/decisions/003-serving-on-two-cores.md).
+This pins the thread
 placement that avoids it; the speed itself is a benchmark row, not a test.
 """
 
@@ -16,9 +17,10 @@ import numpy as np
 import pytest
 
 import service.engine as engine_mod
+from cprec.encoder import FakeEncoder
+from cprec.recommender import Recommender
 from cprec.text import Template
-from service.encoder import FakeEncoder
-from service.engine import Engine, LoadedModel
+from service.engine import Engine
 from service.protocol import RecommendRequest, TitleEntry
 
 
@@ -41,9 +43,9 @@ async def test_load_and_forwards_share_one_thread(
     enc = _ThreadRecorder()
     load_threads: list[int] = []
 
-    def fake_load(settings: Any) -> LoadedModel:
+    def fake_load(settings: Any) -> Recommender:
         load_threads.append(threading.get_ident())
-        return LoadedModel(enc, "recorder-v1", Template())
+        return Recommender(enc, "recorder-v1", Template())
 
     monkeypatch.setattr(engine_mod, "load_model", fake_load)
     engine = Engine(make_settings(batching=batching))  # no encoder: start() loads one

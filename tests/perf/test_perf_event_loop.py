@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.encoder import FakeEncoder
+from cprec.encoder import FakeEncoder
 
 
 class BlockingEncoder(FakeEncoder):

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from service import index as index_mod
-from service.index import Item, ItemIndex, configure_faiss
+from service.catalog import Item
+from service.index import ItemIndex, configure_faiss
 
 
 def _index() -> ItemIndex:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.encoder import HFEncoder
+from cprec.encoder import HFEncoder
 from service.settings import Settings
 
 TEXTS = [

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from service.encoder import HFEncoder
-from service.index import Item
+from cprec.encoder import HFEncoder
+from service.catalog import Item
 
 TITLES = [
     "Coffee",
@@ -26,7 +26,8 @@ async def test_sorted_reindex_equals_unsorted(app_client: Any, tiny_bert_dir: Pa
     enc = HFEncoder(tiny_bert_dir, pooling="mean", is_decoder=False, device="cpu", dtype="float32")
     items = [Item(f"i{n}", "Food" if n % 2 else "Kitchen", t) for n, t in enumerate(TITLES)]
     async with app_client(encoder=enc, embed_batch_size=3) as (_, engine, _enc):
-        got = await engine._embed_items(items)  # length-sorted batches of 3, padded
-        want = np.stack([enc.core(enc.pre([engine.item_text(it)], "item"))[0] for it in items])
+        got = await engine.reindexer.embed_items(items)  # length-sorted batches of 3, padded
+        texts = [engine.model.lm_text(it.domain, it.title, it.extra_text) for it in items]
+        want = np.stack([enc.core(enc.pre([t], "item"))[0] for t in texts])
     cos = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
     assert cos.min() >= 1 - 1e-5

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from svc_util import CATALOG, admin, wait_job
 
+from service.cache import RankedLists
 from service.index import ItemIndex
-from service.search import RankedLists
 
 COFFEE = {"title": "Dark Roast Coffee Beans", "domain": "Groceries"}
 

@@ -10,11 +10,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.encoder import FakeEncoder
+from cprec.encoder import FakeEncoder
+from cprec.recommender import Recommender
+from service.catalog import Item
 from service.engine import Engine
-from service.index import Item, ItemIndex, configure_faiss
+from service.index import ItemIndex, SearchCoalescer, configure_faiss
 from service.protocol import RecommendRequest, TitleEntry
-from service.search import SearchCoalescer
 
 
 def _index(n_per_domain: int = 60, dim: int = 16) -> ItemIndex:
@@ -87,9 +88,8 @@ async def test_requests_of_one_forward_share_the_search(
         return real(self, domain, q, k, exclude)
 
     enc = FakeEncoder(dim=32)
-    engine = Engine(
-        make_settings(max_wait_ms=200.0, batch_coalesce_ms=0, batch_max_padding="none"), encoder=enc
-    )
+    settings = make_settings(max_wait_ms=200.0, batch_coalesce_ms=0, batch_max_padding="none")
+    engine = Engine(settings, model=Recommender(enc, "fake-v1"))
     await engine.start()
     try:
         monkeypatch.setattr(ItemIndex, "search", spy)
@@ -204,14 +204,21 @@ async def test_a_failing_block_fails_only_its_own_waiters(
     assert all(isinstance(r, RuntimeError) for r in res[8:])
 
 
-def test_parallel_calls_setting(make_settings: Callable[..., Any]) -> None:
+async def test_parallel_calls_setting(make_settings: Callable[..., Any]) -> None:
     import os
 
     from service.settings import Settings
 
-    assert Settings().resolved_search_parallel_calls() == len(os.sched_getaffinity(0))
-    assert Settings(search_parallel_calls=1).resolved_search_parallel_calls() == 1
+    def parts(**tuning: Any) -> int:
+        return Settings(tuning=tuning).tuning.for_device("cpu").search_parallel_calls
+
+    assert parts() == len(os.sched_getaffinity(0))
+    assert parts(search_parallel_calls=1) == 1
     with pytest.raises(ValueError, match="search_parallel_calls"):
-        Settings(search_parallel_calls=0)
-    engine = Engine(make_settings(search_parallel_calls=3), encoder=FakeEncoder(dim=8))
-    assert engine.searches.parts == 3
+        parts(search_parallel_calls=0)
+    engine = Engine(make_settings(search_parallel_calls=3), model=Recommender(FakeEncoder(8), "v"))
+    await engine.start()
+    try:
+        assert engine.searches.parts == 3
+    finally:
+        await engine.stop()

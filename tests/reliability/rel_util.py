@@ -21,7 +21,7 @@ from testutil import redis_binary as redis_binary  # re-exported
 from testutil import redis_server_argv
 from testutil import wait_job as _wait_job
 
-from service.encoder import FakeEncoder
+from cprec.encoder import FakeEncoder
 
 # Its own token (passed as ``admin_token=``), so these tests never depend on another file's value.
 TOKEN = "rel-admin-token-7f3a9c"

@@ -46,9 +46,10 @@ _SERVER = textwrap.dedent("""
     import numpy as np
     import uvicorn
     from service.__main__ import DrainingServer
-    from service.app import create_app
-    from service.encoder import FakeEncoder
+    from service.api import create_app
+    from cprec.encoder import FakeEncoder
     from service.engine import Engine
+    from cprec.recommender import Recommender
     from service.settings import Settings
 
     class Slow(FakeEncoder):  # every forward pass takes 1.5 s: a request stays in flight
@@ -60,7 +61,7 @@ _SERVER = textwrap.dedent("""
     store, catalog, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
     s = Settings(store_dir=store, catalog_path=catalog, faiss_gpu=False, redis_url=None,
                  batching=False)
-    app = create_app(engine=Engine(s, encoder=Slow(), model_version="drain-v1"))
+    app = create_app(engine=Engine(s, model=Recommender(Slow(), "drain-v1")))
     cfg = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="info",
                          timeout_graceful_shutdown=30)
     DrainingServer(cfg, app.state.engine).run()

@@ -31,8 +31,9 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from service.app import create_app
-from service.encoder import FakeEncoder
+from cprec.encoder import FakeEncoder
+from cprec.recommender import Recommender
+from service.api import create_app
 from service.engine import Engine
 from service.settings import Settings
 
@@ -70,9 +71,9 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str,
         faiss_gpu=False,
         redis_url=None,
         catalog_dir=root / "catalogues",
-        max_wait_ms=1.0,
+        tuning={"max_wait_ms": 1.0},
     )
-    engine = Engine(s, encoder=FakeEncoder(), model_version="fuzz-v1")
+    engine = Engine(s, model=Recommender(FakeEncoder(), "fuzz-v1"))
     app = create_app(engine=engine)
     port = free_port()
     server = uvicorn.Server(

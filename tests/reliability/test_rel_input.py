@@ -92,7 +92,7 @@ BAD_RECOMMEND: list[tuple[str, Any, set[int], str, str]] = [
     ("empty domain list", {"target_domains": []}, {422}, "body", "non-empty"),
     ("duplicated domains", {"target_domains": ["Books", "Books"]}, {422}, "body", "duplicates"),
     ("k zero", {"k": 0}, {422}, "k", "greater than or equal"),
-    ("k too large", {"k": 100000}, {422}, "k", "less than or equal"),
+    ("k too large", {"k": 100000}, {422}, "k", "exceeds max_k"),
     ("k not a number", {"k": "ten"}, {422}, "k", "integer"),
     ("k a float", {"k": 2.5}, {422}, "k", "integer"),
     ("exclude_history not bool", {"exclude_history": "maybe"}, {422}, "exclude_history", "bool"),

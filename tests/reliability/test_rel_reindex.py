@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 from rel_util import TOKEN, SlowEncoder, admin, wait_job
 
+from cprec.encoder import FakeEncoder
+from cprec.recommender import Recommender
 from model_store import ArtifactError, ModelStore
-from service.encoder import FakeEncoder
 from service.engine import Engine, load_model
 from service.index import IndexStore, ItemIndex
 from service.settings import Settings
@@ -147,9 +148,10 @@ _CHILD = textwrap.dedent("""
     from pathlib import Path
     import faiss
     import service.index as index_mod
-    from service.encoder import FakeEncoder
+    from cprec.encoder import FakeEncoder
+    from cprec.recommender import Recommender
     from service.engine import Engine
-    from service.index import Item
+    from service.catalog import Item
     from service.settings import Settings
 
     store, catalog, where = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
@@ -159,7 +161,7 @@ _CHILD = textwrap.dedent("""
 
     async def main():
         s = Settings(store_dir=store, catalog_path=catalog, faiss_gpu=False, redis_url=None)
-        eng = Engine(s, encoder=FakeEncoder(), model_version="kill-v1")
+        eng = Engine(s, model=Recommender(FakeEncoder(), "kill-v1"))
         await eng.start()  # builds and saves the first snapshot from the catalogue
         print(json.dumps({"version": eng.index.version}), flush=True)
         if where == "mid-write":      # after the first index file is written
@@ -169,11 +171,11 @@ _CHILD = textwrap.dedent("""
                 die()
             faiss.write_index = write_then_die
         elif where == "before-current":  # new snapshot renamed in, CURRENT not yet moved
-            index_mod._write_atomic = die
+            index_mod.write_atomic = die
         elif where == "mid-embed":
-            eng._encoder.core = die
+            eng.model.encoder.core = die
         items = [Item(f"n{i}", "Kitchen", f"Kitchen thing {i}") for i in range(20)]
-        job = eng.submit_reindex("full", items=items)
+        job = eng.reindexer.submit("full", items=items)
         while job.state in ("queued", "running"):
             await asyncio.sleep(0.01)
         print("NOT KILLED", job.state, job.error, flush=True)
@@ -204,7 +206,7 @@ async def test_kill_mid_reindex_then_restart_loads_last_complete_index(
         assert leftovers, "the kill should have left a half-written .tmp- directory"
     # restart: the last complete snapshot loads; the half-written one is cleaned up
     s = Settings(store_dir=store, catalog_path=catalog, faiss_gpu=False, redis_url=None)
-    eng = Engine(s, encoder=FakeEncoder(), model_version="kill-v1")
+    eng = Engine(s, model=Recommender(FakeEncoder(), "kill-v1"))
     await eng.start()
     try:
         assert eng.ready and eng.index is not None
@@ -228,7 +230,7 @@ def _flip(path: Path, offset: int = -1) -> None:
 
 
 def _build(store: Path, rows: list[dict[str, Any]], model_version: str = "fake-v1") -> ItemIndex:
-    from service.index import Item
+    from service.catalog import Item
 
     items = [Item(r["item_id"], r["domain"], r["title"]) for r in rows]
     vecs = FakeEncoder().encode([f"{it.domain}: {it.title}" for it in items], "item")
@@ -301,7 +303,7 @@ def test_changed_byte_in_model_is_refused_naming_the_file(corrupt_model_store: P
 async def test_service_refuses_to_start_on_a_corrupt_model(
     corrupt_model_store: Path, tmp_path: Path
 ) -> None:
-    from service.app import create_app
+    from service.api import create_app
 
     catalog = tmp_path / "c.jsonl"
     catalog.write_text("".join(json.dumps(r) + "\n" for r in _rows(3)))

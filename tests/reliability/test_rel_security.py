@@ -78,7 +78,7 @@ async def test_admin_routes_disabled_without_a_token(app_client: Any) -> None:
 async def test_token_compared_in_constant_time(
     app_client: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import service.deps as deps
+    import service.api as deps
 
     seen: list[tuple[bytes, bytes]] = []
     real = deps.hmac.compare_digest
@@ -213,7 +213,7 @@ async def test_uploads_are_data_only_never_unpickled(app_client: Any) -> None:
 
 def test_saved_vectors_never_unpickled(tmp_path: Path) -> None:
     """Even a snapshot whose checksums were forged to match an object array is refused."""
-    from service.encoder import FakeEncoder
+    from cprec.encoder import FakeEncoder
     from service.index import IndexStore, Item
 
     marker = Path("/tmp/cprec-rel-pickle-ran")
@@ -225,6 +225,7 @@ def test_saved_vectors_never_unpickled(tmp_path: Path) -> None:
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["files"]["vectors.npy"] = sha256_file(path / "vectors.npy")
     (path / "manifest.json").write_text(json.dumps(manifest))
+    (path / "manifest.sha256").write_text(sha256_file(path / "manifest.json"))
     with pytest.raises(ValueError, match="allow_pickle"):
         ItemIndex.load(path)
     assert IndexStore(tmp_path).load_latest() is None

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
+from cprec.encoder import FakeEncoder
 from service.batcher import Batcher
-from service.encoder import FakeEncoder
 from service.errors import Overloaded
 from service.metrics import Metrics
 
@@ -115,7 +115,7 @@ async def test_queue_full_is_overloaded() -> None:
         assert b.depth == 2
         with pytest.raises(Overloaded) as ei:
             await b.embed(TEXTS[2])
-        assert ei.value.http_status == 429 and ei.value.headers["Retry-After"] == "1"
+        assert ei.value.code == "overloaded" and ei.value.retry_after_s == 1
         enc.release.set()
         v1, v2 = await asyncio.gather(first, second)
         np.testing.assert_allclose(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from service.coalesce import TickBatcher
+from service.batcher import TickBatcher
 
 
 async def test_one_ticks_items_reach_one_call_in_order() -> None:

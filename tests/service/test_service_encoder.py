@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.encoder import FakeEncoder, HFEncoder
+from cprec.encoder import FakeEncoder, HFEncoder
 
 TEXTS = [
     "Groceries: dark roast coffee beans",

@@ -3,7 +3,7 @@
 A tiny random HierRec over the tiny random BERT is published as a ``hier`` artifact and served;
 its user vectors and rankings must be what ``HierRec.encode_histories`` / ``item_vectors`` give
 over LM vectors computed offline with the same encoder. Without an artifact, a base model is
-served zero-shot with ``zero_shot_user`` / ``zero_shot_items``.
+served zero-shot with ``zero_shot_query`` / ``zero_shot_items``.
 """
 
 from __future__ import annotations
@@ -18,17 +18,17 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import testutil
 import torch
 from svc_util import CATALOG, admin, publish_hier, wait_job
 
-from cprec.hier import HierConfig, HierRec, zero_shot_items, zero_shot_user
+from cprec.encoder import HFEncoder
+from cprec.hier import HierRec, zero_shot_items, zero_shot_query
 from cprec.text import Behaviour, Template
 from model_store import ArtifactError, ModelStore
-from service.app import create_app
-from service.encoder import HFEncoder
+from service.api import create_app
 from service.engine import Engine, load_model
 from service.protocol import RecommendRequest
-from service.scorer import zero_shot_query
 
 DOMAINS = ["Books", "Groceries", "Movies"]
 # g1..m1 are in the catalogue; zz-9 is not yet (a reindex adds it); the rest were never trained.
@@ -39,29 +39,9 @@ CPU = {"device": "cpu", "dtype": "float32"}
 
 
 def tiny_hier(seed: int = 1) -> HierRec:
-    """Random weights with some spread (the N(0, 0.02) init leaves every score near 0) and a
-    random residual for every trained id; row 0 stays zero, as training keeps it."""
-    torch.manual_seed(seed)
-    cfg = HierConfig(
-        text_dim=32,
-        dim=16,
-        layers=1,
-        heads=2,
-        ffn=32,
-        dropout=0.0,
-        attn_dropout=0.0,
-        max_len=MAX_LEN,
-        domains=DOMAINS,
-        residual_rows=len(RESIDUAL_IDS) + 1,
-    )
-    model = HierRec(cfg, RESIDUAL_IDS)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.Linear | torch.nn.Embedding):
-                m.weight.normal_(0.0, 0.3)
-        assert model.residual is not None
-        model.residual.weight[0].zero_()
-    return model.eval()
+    return testutil.tiny_hier(
+        max_len=MAX_LEN, domains=tuple(DOMAINS), residual_ids=tuple(RESIDUAL_IDS), seed=seed
+    )  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="module")
@@ -276,16 +256,6 @@ async def test_hier_unseen_items_get_the_text_vector_and_reindex_encodes_only_ne
         np.testing.assert_array_equal(engine2.index.vectors, idx.vectors)
 
 
-def test_zero_shot_query_is_zero_shot_user() -> None:
-    rng = np.random.default_rng(0)
-    lm = rng.standard_normal((6, 8)).astype(np.float32)
-    lm /= np.linalg.norm(lm, axis=1, keepdims=True)
-    domains = ["A", "B", "A", "C", "A", "B"]
-    for target in ("A", "B", "C", "D"):  # D: no history item there -> every item counts
-        want = zero_shot_user(torch.from_numpy(lm), domains, target).numpy()
-        np.testing.assert_allclose(zero_shot_query(lm, domains, target), want, atol=1e-6)
-
-
 async def test_zero_shot_default_is_the_mean_scorer(
     tmp_path: Path,
     tiny_bert_dir: Path,
@@ -298,8 +268,8 @@ async def test_zero_shot_default_is_the_mean_scorer(
         idx = engine.index
         all_ids = [r["item_id"] for r in CATALOG]
         lm = lm_of(offline_encoder, [(r["domain"], r["title"]) for r in CATALOG])
-        pop = torch.tensor([float(r["popularity"]) for r in CATALOG])
-        rows = zero_shot_items(torch.from_numpy(lm), pop).numpy()
+        pop = [float(r["popularity"]) for r in CATALOG]
+        rows = zero_shot_items(lm, pop)
         assert idx.dim == 33
         np.testing.assert_allclose(idx.vectors, rows, atol=1e-4)
         hist = [
@@ -314,7 +284,7 @@ async def test_zero_shot_default_is_the_mean_scorer(
             ("Movies", "An Unknown Movie Night"),
             ("Groceries", "Organic Wildflower Honey"),
         ]
-        hist_lm = torch.from_numpy(lm_of(offline_encoder, used))
+        hist_lm = lm_of(offline_encoder, used)
         doms = [d for d, _ in used]
         req = {"history": hist, "k": 10}
         got = await engine.query_vectors(RecommendRequest.model_validate(req))
@@ -322,7 +292,7 @@ async def test_zero_shot_default_is_the_mean_scorer(
         assert r.status_code == 200, r.text
         body = r.json()
         for d in DOMAINS:
-            q = zero_shot_user(hist_lm, doms, d).numpy()
+            q = zero_shot_query(hist_lm, doms, d)
             assert cosine(got[d], q) >= 0.9999
             rr = [i for i, row in enumerate(CATALOG) if row["domain"] == d]
             want = ranking(q, rows[rr], [all_ids[i] for i in rr], {"g1", "b3", "g5"})

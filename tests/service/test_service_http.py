@@ -11,8 +11,9 @@ import httpx
 import numpy as np
 import pytest
 
-from service.app import create_app
-from service.encoder import FakeEncoder
+from cprec.encoder import FakeEncoder
+from cprec.recommender import Recommender
+from service.api import create_app
 from service.engine import Engine
 
 
@@ -164,7 +165,6 @@ async def test_unknown_id_and_domain_are_named(app_client: Callable[..., Any]) -
     [
         ({"history": "coffee"}, "history"),
         ({"k": 0}, "k"),
-        ({"k": 201}, "k"),
         ({"history": [{"title": "x"}]}, "history[0]"),
         ({"history": [], "surprise": 1}, "surprise"),
         ({"target_domains": []}, "body"),
@@ -182,6 +182,19 @@ async def test_422_envelope_names_field_and_reason(
         assert any(f.startswith(field) for f in fields), fields
         assert all(d["reason"] for d in err["details"])
         assert err["message"].startswith(err["details"][0]["field"])
+
+
+async def test_k_is_bounded_by_max_k(app_client: Callable[..., Any]) -> None:
+    """The limit is the setting, whatever it is (a fixed bound in the schema ignored it)."""
+    async with app_client() as (client, _, _):
+        r = await client.post("/recommend", json={"history": [COFFEE], "k": 201})
+        err = assert_envelope(r, 422, "validation_error")
+        assert err["details"] == {"field": "k", "limit": 200}
+    async with app_client(max_k=300) as (client, _, _):
+        r = await client.post("/recommend", json={"history": [], "k": 250})
+        assert r.status_code == 200, r.text
+        r = await client.post("/recommend", json={"history": [COFFEE], "k": 301})
+        assert assert_envelope(r, 422, "validation_error")["details"]["limit"] == 300
 
 
 async def test_request_limits(app_client: Callable[..., Any]) -> None:
@@ -230,6 +243,8 @@ async def test_413_body_limit(app_client: Callable[..., Any]) -> None:
         assert_envelope(r, 413, "payload_too_large")
         ok = await client.post("/recommend", json={"history": [COFFEE]})
         assert ok.status_code == 200
+        metrics = (await client.get("/metrics")).text
+        assert 'cprec_errors_total{code="payload_too_large"} 2.0' in metrics  # one handler
 
 
 class GateEncoder(FakeEncoder):
@@ -267,7 +282,7 @@ async def test_429_when_encoder_queue_full(app_client: Callable[..., Any]) -> No
 
 async def test_ready_503_before_start_then_200_and_live(make_settings: Callable[..., Any]) -> None:
     enc = FakeEncoder()
-    app = create_app(engine=Engine(make_settings(), encoder=enc, model_version="fake-v1"))
+    app = create_app(engine=Engine(make_settings(), model=Recommender(enc, "fake-v1")))
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
         r = await client.get("/ready")
@@ -292,6 +307,8 @@ async def test_ready_503_while_draining(app_client: Callable[..., Any]) -> None:
         assert "draining" in err["message"]
         # Requests that still arrive are answered while draining.
         assert (await client.post("/recommend", json={"history": [COFFEE]})).status_code == 200
+        metrics = (await client.get("/metrics")).text
+        assert 'cprec_errors_total{code="not_ready"} 1.0' in metrics  # counted like every error
 
 
 async def test_metrics_exposes_counters(app_client: Callable[..., Any]) -> None:

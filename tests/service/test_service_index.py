@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.index import IndexStore, Item, ItemIndex
+from service.catalog import Item
+from service.index import IndexStore, ItemIndex
 
 
 def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from cprec.hier import ZS_POP_WEIGHT
-from service.app import create_app
+from cprec.recommender import Recommender
+from service.api import create_app
 from service.engine import Engine
 from service.settings import DEMO_CATALOG, Settings
 
@@ -35,7 +36,7 @@ async def minilm_app(
         faiss_gpu=False,
         redis_url=redis_url,
         redis_prefix=redis_prefix,
-        redis_timeout_s=1.0,
+        tuning={"redis_timeout_s": 1.0},
         admin_token=None,
     )
     engine = Engine(settings)
@@ -120,7 +121,7 @@ async def test_app_serves_when_redis_is_down(make_settings: Any) -> None:
     """An unreachable Redis: requests are answered uncached and the error metric counts it."""
     from svc_util import free_port
 
-    from service.encoder import FakeEncoder
+    from cprec.encoder import FakeEncoder
 
     settings = make_settings(
         redis_url=f"redis://127.0.0.1:{free_port()}/0",
@@ -128,7 +129,7 @@ async def test_app_serves_when_redis_is_down(make_settings: Any) -> None:
         redis_retry_s=30,
         result_cache_size=0,
     )  # the repeat must reach the cache
-    app = create_app(engine=Engine(settings, encoder=FakeEncoder(), model_version="fake-v1"))
+    app = create_app(engine=Engine(settings, model=Recommender(FakeEncoder(), "fake-v1")))
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://t"
@@ -150,8 +151,8 @@ def smollm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_smollm2_last_token_unit_vectors(smollm_dir: Path) -> None:
+    from cprec.encoder import HFEncoder
     from cprec.lm import detect_pooling
-    from service.encoder import HFEncoder
 
     assert (smollm_dir / "model.safetensors").is_file()
     assert detect_pooling(smollm_dir) == "last"

@@ -11,8 +11,9 @@ import httpx
 import numpy as np
 from svc_util import ADMIN_TOKEN, CATALOG, admin, wait_job
 
-from service.app import create_app
-from service.encoder import FakeEncoder
+from cprec.encoder import FakeEncoder
+from cprec.recommender import Recommender
+from service.api import create_app
 from service.engine import Engine
 
 NEW_ITEMS = [
@@ -262,7 +263,7 @@ async def test_new_index_saved_and_reloaded_without_reembedding(
         assert done["state"] == "succeeded"
         vectors = engine.index.vectors.copy()
     enc = FakeEncoder(dim=512)
-    engine2 = Engine(make_settings(), encoder=enc, model_version="fake-v1")
+    engine2 = Engine(make_settings(), model=Recommender(enc, "fake-v1"))
     app = create_app(engine=engine2)
     async with app.router.lifespan_context(app):
         assert enc.calls == 1 and enc.batch_sizes == [1]  # the warm-up only
@@ -275,7 +276,7 @@ async def test_new_index_saved_and_reloaded_without_reembedding(
             assert r.status_code == 200 and r.json()["index_version"] == done["index_version"]
     # A different model version never reuses these vectors: it indexes its own catalogue.
     enc3 = FakeEncoder(dim=512)
-    engine3 = Engine(make_settings(), encoder=enc3, model_version="fake-v2")
+    engine3 = Engine(make_settings(), model=Recommender(enc3, "fake-v2"))
     app3 = create_app(engine=engine3)
     async with app3.router.lifespan_context(app3):
         assert enc3.calls > 1 and len(engine3.index.items) == len(CATALOG)

@@ -1,4 +1,5 @@
-"""Settings: env prefix, REDIS_URL alias, validation, redaction."""
+"""Settings: env prefix, REDIS_URL alias, the tuning tier and its device policy, validation,
+settings that cannot take effect, redaction."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from service.settings import CPU_COALESCE_MS, Settings
+from service.settings import DEVICE_POLICY, Settings
 
 
 @pytest.fixture(autouse=True)
@@ -50,16 +51,16 @@ def test_redis_url_alias(monkeypatch: pytest.MonkeyPatch) -> None:
         ("CPREC_PORT", "0"),
         ("CPREC_PORT", "70000"),
         ("CPREC_INDEX_KIND", "ivf"),
-        ("CPREC_MAX_BATCH_SIZE", "0"),
+        ("CPREC_TUNING__MAX_BATCH_SIZE", "0"),
         ("CPREC_ENV", "staging"),
-        ("CPREC_MAX_WAIT_MS", "-1"),
+        ("CPREC_TUNING__MAX_WAIT_MS", "-1"),
         ("CPREC_MAX_LENGTH", "4"),
         ("CPREC_BATCHING", "perhaps"),
     ],
 )
 def test_invalid_values_refused(monkeypatch: pytest.MonkeyPatch, env: str, value: str) -> None:
     monkeypatch.setenv(env, value)
-    field = env.removeprefix("CPREC_").lower()
+    field = env.removeprefix("CPREC_").split("__")[-1].lower()
     with pytest.raises(ValidationError, match=field):
         Settings()
 
@@ -109,13 +110,13 @@ def test_batch_max_padding_resolves_per_device(
     monkeypatch: pytest.MonkeyPatch, env: str | None, device: str, expected: float | None
 ) -> None:
     if env is not None:
-        monkeypatch.setenv("CPREC_BATCH_MAX_PADDING", env)
-    assert Settings().resolved_max_padding(device) == expected
+        monkeypatch.setenv("CPREC_TUNING__BATCH_MAX_PADDING", env)
+    assert Settings().tuning.for_device(device).batch_max_padding == expected
 
 
 @pytest.mark.parametrize("bad", ["-0.1", "sometimes"])
 def test_batch_max_padding_rejects_nonsense(monkeypatch: pytest.MonkeyPatch, bad: str) -> None:
-    monkeypatch.setenv("CPREC_BATCH_MAX_PADDING", bad)
+    monkeypatch.setenv("CPREC_TUNING__BATCH_MAX_PADDING", bad)
     with pytest.raises(ValidationError, match="batch_max_padding"):
         Settings()
 
@@ -123,7 +124,7 @@ def test_batch_max_padding_rejects_nonsense(monkeypatch: pytest.MonkeyPatch, bad
 @pytest.mark.parametrize(
     ("env", "device", "expected"),
     [
-        (None, "cpu", CPU_COALESCE_MS),  # auto: wait for whole cohorts on CPU
+        (None, "cpu", DEVICE_POLICY["cpu"]["batch_coalesce_ms"]),  # wait for cohorts on CPU
         (None, "cuda", 0.0),  # auto: the fixed max_wait_ms window on a GPU
         ("10", "cuda", 10.0),
         ("0", "cpu", 0.0),
@@ -133,22 +134,49 @@ def test_batch_coalesce_resolves_per_device(
     monkeypatch: pytest.MonkeyPatch, env: str | None, device: str, expected: float
 ) -> None:
     if env is not None:
-        monkeypatch.setenv("CPREC_BATCH_COALESCE_MS", env)
-    assert Settings().resolved_coalesce_ms(device) == expected
+        monkeypatch.setenv("CPREC_TUNING__BATCH_COALESCE_MS", env)
+    assert Settings().tuning.for_device(device).batch_coalesce_ms == expected
+
+
+def test_every_auto_knob_is_concrete_on_each_device() -> None:
+    for device in ("cpu", "cuda"):
+        resolved = Settings().tuning.for_device(device).model_dump()
+        assert "auto" not in resolved.values() and "none" not in resolved.values(), device
+    assert Settings().tuning.for_device("cuda").batch_max_forward_tokens is None
 
 
 @pytest.mark.parametrize("bad", ["-1", "5000", "often"])
 def test_batch_coalesce_rejects_nonsense(monkeypatch: pytest.MonkeyPatch, bad: str) -> None:
-    monkeypatch.setenv("CPREC_BATCH_COALESCE_MS", bad)
+    monkeypatch.setenv("CPREC_TUNING__BATCH_COALESCE_MS", bad)
     with pytest.raises(ValidationError, match="batch_coalesce_ms"):
         Settings()
 
 
 @pytest.mark.parametrize("bad", ["-0.1", "1.5", "half"])
 def test_batch_coalesce_share_rejects_nonsense(monkeypatch: pytest.MonkeyPatch, bad: str) -> None:
-    monkeypatch.setenv("CPREC_BATCH_COALESCE_SHARE", bad)
+    monkeypatch.setenv("CPREC_TUNING__BATCH_COALESCE_SHARE", bad)
     with pytest.raises(ValidationError, match="batch_coalesce_share"):
         Settings()
+
+
+def test_a_knob_under_its_old_flat_name_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It would be silently ignored (extra settings are), so start-up names the new variable."""
+    monkeypatch.setenv("CPREC_BATCH_COALESCE_MS", "10")
+    with pytest.raises(ValidationError, match="CPREC_TUNING__BATCH_COALESCE_MS"):
+        Settings()
+    monkeypatch.delenv("CPREC_BATCH_COALESCE_MS")
+    with pytest.raises(ValidationError, match="CPREC_TUNING__MAX_WAIT_MS"):
+        Settings(max_wait_ms=5)  # type: ignore[call-arg]
+    assert Settings(tuning={"max_wait_ms": 5}).tuning.max_wait_ms == 5
+
+
+def test_base_model_settings_refused_with_a_store_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    Settings().check_store_model("v1")  # defaults: nothing to refuse
+    monkeypatch.setenv("CPREC_MAX_LENGTH", "128")
+    with pytest.raises(ValueError, match="CPREC_MAX_LENGTH cannot take effect"):
+        Settings().check_store_model("v1")
+    with pytest.raises(ValueError, match="CPREC_HISTORY_MAX_ITEMS"):
+        Settings(history_max_items=5).check_store_model("v1")
 
 
 def test_access_log_setting_reaches_uvicorn(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -69,20 +69,3 @@ def test_unknown_key_is_an_error():
         load_config(TINY_CONFIG, ["cpt.stepz=3"])
     cfg = load_config(TINY_CONFIG, ["cpt.schedule.kind=cosine", "cpt.anneal_domains=[Food]"])
     assert cfg.cpt.schedule.kind == "cosine" and cfg.cpt.anneal_domains == ["Food"]
-
-
-def test_benchmark_systems_change_only_their_setting(tmp_path):
-    from training.pipeline import SYSTEMS, cpt_dir, system_config
-
-    base = load_config(TINY_CONFIG, [f"output_dir={tmp_path}"])
-    cfgs = {name: system_config(name, base) for name in SYSTEMS}
-    assert not cfgs["finetune-only"].cpt.enabled and cfgs["cprec"].cpt.enabled
-    assert cfgs["cprec"].cpt.schedule.kind == "wsa"
-    assert cfgs["cprec-cosine"].cpt.schedule.kind == "cosine"
-    assert cfgs["cprec-domain-only"].corpus.mixed_ratio == 0.0
-    assert cfgs["cprec-idres"].finetune.item_id_residual
-    assert cfgs["cprec"].output_dir == tmp_path / "cprec"
-    # cprec and cprec-idres share one CPT run; the ablations get their own
-    assert cpt_dir(cfgs["cprec"]) == cpt_dir(cfgs["cprec-idres"])
-    assert cpt_dir(cfgs["cprec"]) != cpt_dir(cfgs["cprec-cosine"])
-    assert base.cpt.schedule.kind == "wsa"  # the caller's config is not mutated

@@ -49,7 +49,7 @@ def test_loss_decreases(tmp_path, llama, lora):
 
 
 def test_resume_replays_the_same_run(tmp_path, llama, monkeypatch):
-    import training.cpt as cpt_mod
+    from training.loop import Checkpoint
 
     cfg = tiny_config(
         tmp_path, llama, "cpt.steps=6", "cpt.checkpoint_every=3", "cpt.anneal_domains=[Food]"
@@ -62,16 +62,16 @@ def test_resume_replays_the_same_run(tmp_path, llama, monkeypatch):
     assert again.pop("reused") is True and again == straight.summary
     assert "reused" not in straight.summary
 
-    real_save = cpt_mod._save_checkpoint
+    real_save = Checkpoint.save
 
-    def save_then_crash(*args, **kw):
-        real_save(*args, **kw)
+    def save_then_crash(self, *args, **kw):
+        real_save(self, *args, **kw)
         raise KeyboardInterrupt  # killed right after the step-3 checkpoint
 
-    monkeypatch.setattr(cpt_mod, "_save_checkpoint", save_then_crash)
+    monkeypatch.setattr(Checkpoint, "save", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         run_cpt(cfg, llama, chunks, tmp_path / "b")
-    monkeypatch.setattr(cpt_mod, "_save_checkpoint", real_save)
+    monkeypatch.setattr(Checkpoint, "save", real_save)
     assert json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())["step"] == 3
     resumed = run_cpt(cfg, llama, chunks, tmp_path / "b")
     assert resumed.summary["resumed_from"] == 3

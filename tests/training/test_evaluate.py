@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 
+from training.dataset import Case, Item
 from training.evaluate import (
     compute_metrics,
     ndcg_at_10_micro,
@@ -18,10 +19,9 @@ from training.evaluate import (
     topk_rows,
     write_topk_jsonl,
 )
-from training.fkloo import Case, FKItem
 
 # 60 "A" items (ids 0..59) and 70 "B" items (ids 60..129): enough for 50-item lists.
-ITEMS = [FKItem(i, "A" if i < 60 else "B", f"t{i}") for i in range(130)]
+ITEMS = [Item(i, "A" if i < 60 else "B", f"t{i}") for i in range(130)]
 A_IDS = list(range(60))
 B_IDS = list(range(60, 130))
 

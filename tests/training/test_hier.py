@@ -13,9 +13,9 @@ from cprec.hier import (
     HierRec,
     recency_weights,
     zero_shot_items,
-    zero_shot_user,
+    zero_shot_query,
 )
-from training.fkloo import FKLOO, Case, FKItem, TrainSeq
+from training.dataset import Case, Dataset, Item, TrainSeq
 from training.hier import (
     Corpus,
     HierTrainConfig,
@@ -31,12 +31,7 @@ N = 120  # items 0..59 domain A, 60..119 domain B
 TEXT_DIM = 24
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cyclic(n_users: int, seed: int = 0, length: int = 9) -> list[list[int]]:
@@ -50,17 +45,17 @@ def dom(i: int) -> str:
 
 
 def corpus(n_users: int = 150, extra_source: bool = False) -> Corpus:
-    items = [FKItem(i, dom(i), f"item {i}") for i in range(N)]
+    items = [Item(i, dom(i), f"item {i}") for i in range(N)]
     seqs = cyclic(n_users)
     train = [TrainSeq(f"u{k}", s[:-2], [dom(i) for i in s[:-2]]) for k, s in enumerate(seqs)]
     valid = [Case(f"u{k}", s[:-2], s[-2], dom(s[-2])) for k, s in enumerate(seqs)]
     test = [Case(f"u{k}", s[:-1], s[-1], dom(s[-1])) for k, s in enumerate(seqs)]
-    tgt = FKLOO(items=list(items), train=train, valid=valid, test=test, root=None)  # type: ignore[arg-type]
+    tgt = Dataset(items=list(items), train=train, valid=valid, test=test)
     src = Source("t", 0, N, mixed=[t.item_ids for t in train], domain=domain_subsequences(train))
     keys = [str(i) for i in range(N)]
     sources = [src]
     if extra_source:  # a second dataset: 20 items of domain C, reversed walks
-        items += [FKItem(N + i, "C", f"c {i}") for i in range(20)]
+        items += [Item(N + i, "C", f"c {i}") for i in range(20)]
         keys += [f"x:{i}" for i in range(20)]
         s2 = Source("x", N, N + 20, mixed=[[N + (7 - k) % 20 for k in range(6)]] * 30)
         sources.append(s2)
@@ -205,16 +200,19 @@ def test_save_and_load_give_the_same_user_vectors(tmp_path) -> None:  # type: ig
 
 
 def test_zero_shot_prefers_recent_target_domain_items_and_popularity() -> None:
-    v = torch.eye(4)
-    q = zero_shot_user(v[[0, 1, 2]], ["A", "B", "A"], "A")
+    v = np.eye(4, dtype=np.float32)
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return x / np.linalg.norm(x)
+
+    q = zero_shot_query(v[[0, 1, 2]], ["A", "B", "A"], "A")
     w = recency_weights(2, 1.0)
-    expect = F.normalize(w[0] * v[0] + w[1] * v[2], dim=0)
-    torch.testing.assert_close(q[:-1], expect)
+    np.testing.assert_allclose(q[:-1], unit(w[0] * v[0] + w[1] * v[2]), rtol=1e-6)
     assert q[-1] == 1
-    assert zero_shot_user(v[[0, 1]], ["A", "B"], "C")[:-1].tolist() == pytest.approx(
-        F.normalize(w[0] * v[0] + w[1] * v[1], dim=0).tolist()
-    )  # no target-domain item: all items
-    rows = zero_shot_items(v, torch.tensor([0.0, 1.0, 10.0, 0.0]))
+    np.testing.assert_allclose(  # no target-domain item: all items
+        zero_shot_query(v[[0, 1]], ["A", "B"], "C")[:-1], unit(w[0] * v[0] + w[1] * v[1]), rtol=1e-6
+    )
+    rows = zero_shot_items(v, np.array([0.0, 1.0, 10.0, 0.0]))
     assert rows[:, -1].tolist() == pytest.approx(
         [0.0, *(ZS_POP_WEIGHT * np.log1p([1.0, 10.0])), 0.0]
     )

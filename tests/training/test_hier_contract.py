@@ -1,5 +1,5 @@
-"""Contract: tiny hier train -> publish into a store -> the service answers /recommend with it,
-and its top-10 is the offline evaluator's."""
+"""Contract: tiny hier train -> publish into a store -> the version loads as a recommender whose
+top-10 is the offline evaluator's, and the service answers /recommend with it the same way."""
 
 from __future__ import annotations
 
@@ -8,10 +8,13 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 
+from cprec.recommender import HistoryVectors, Recommender
 from model_store import ModelStore
+from training.evaluate import rank_topk
 from training.hier import load_hier_config
-from training.hier_pipeline import main_hier, publish_hier, run_hier, write_catalog, write_outputs
+from training.hier_pipeline import main_hier, run_hier, stage_publish, write_catalog, write_outputs
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "configs" / "hier-smoke.yaml"
@@ -29,6 +32,23 @@ def overrides(tmp_path: Path, lm: Path) -> list[str]:
     ]
 
 
+@pytest.fixture(scope="module")
+def published(tmp_path_factory, tiny_bert_dir):
+    """(run, catalogue, store) of a smoke run published as hier-v1."""
+    tmp = tmp_path_factory.mktemp("hier-contract")
+    cfg = load_hier_config(SMOKE, overrides(tmp, tiny_bert_dir))
+    run = run_hier(cfg)
+    metrics = write_outputs(run, cfg.output_dir)
+    catalog = write_catalog(run, cfg.output_dir / "catalog.jsonl")
+    art = stage_publish(run, cfg.output_dir, metrics, tmp / "store", version="hier-v1")
+    assert art.manifest.kind == "hier"
+    return run, catalog, tmp / "store"
+
+
+def cases_of(run):  # type: ignore[no-untyped-def]
+    return [c for c in run.corpus.target.test if len(c.history) >= 3][:5]
+
+
 def test_cli_trains_publishes_and_prints_the_serve_command(tmp_path, tiny_bert_dir, capsys):
     store = tmp_path / "store"
     assert main_hier(SMOKE, overrides(tmp_path, tiny_bert_dir), store_dir=store) == 0
@@ -42,24 +62,45 @@ def test_cli_trains_publishes_and_prints_the_serve_command(tmp_path, tiny_bert_d
     assert "curves/hier.png" in m.files and "test" in m.metrics["eval"]
     assert f"CPREC_STORE_DIR={store} CPREC_MODEL=production" in out
     assert (tmp_path / "run" / "catalog.jsonl").is_file()
+    # the training output is the same recommender folder as the published version
+    for folder in (tmp_path / "run" / "model", art.path):
+        rec = Recommender.from_pretrained(folder, device="cpu")
+        assert (rec.scorer, rec.user_dim, rec.hier.cfg.text_dim) == ("hier", 32, 32)
 
 
-async def test_served_top10_equals_the_offline_ranking(tmp_path, tiny_bert_dir):
-    from service.app import create_app
+def test_published_top10_equals_the_offline_ranking(published):
+    """Recommender.from_pretrained of the published version ranks as the trainer did."""
+    run, catalog, store = published
+    rec = Recommender.from_pretrained(ModelStore(store).load("production").path, device="cpu")
+    rows = [json.loads(x) for x in catalog.read_text().splitlines()]
+    items = run.corpus.target.items
+    lm = rec.encoder.encode([rec.lm_text(r["domain"], r["title"]) for r in rows], "item")
+    index = rec.item_rows(lm, [r["item_id"] for r in rows], [r["popularity"] for r in rows])
+    cases = cases_of(run)
+    users = rec.users(
+        [
+            HistoryVectors(
+                lm[c.history[-rec.history_len :]],
+                [rows[i]["item_id"] for i in c.history[-rec.history_len :]],
+                [items[i].domain for i in c.history[-rec.history_len :]],
+            )
+            for c in cases
+        ]
+    )
+    served = rank_topk(users, index, cases, items)
+    assert [r[:10] for r in served] == [r[:10] for r in run.rank(cases)]
+    assert len(rows) == len(items) and np.all([r["popularity"] >= 0 for r in rows])
+
+
+async def test_served_top10_equals_the_offline_ranking(published):
+    from service.api import create_app
     from service.settings import Settings
 
-    cfg = load_hier_config(SMOKE, overrides(tmp_path, tiny_bert_dir))
-    run = run_hier(cfg)
-    metrics = write_outputs(run, cfg.output_dir)
-    catalog = write_catalog(run, cfg.output_dir / "catalog.jsonl")
-    art = publish_hier(run, cfg.output_dir, metrics, tmp_path / "store", version="hier-v1")
-    assert art.manifest.kind == "hier"
-
-    tgt = run.corpus.target
-    cases = [c for c in tgt.test if len(c.history) >= 3][:5]
+    run, catalog, store = published
+    cases = cases_of(run)
     offline = run.rank(cases)
     settings = Settings(
-        store_dir=tmp_path / "store",
+        store_dir=store,
         model="production",
         catalog_path=catalog,
         redis_url=None,
@@ -82,5 +123,3 @@ async def test_served_top10_equals_the_offline_ranking(tmp_path, tiny_bert_dir):
                 assert body["model_version"] == "hier-v1"
                 got = [x["item_id"] for x in body["results"][case.domain]]
                 assert got == [run.corpus.keys[i] for i in want[:10]]
-    rows = [json.loads(x) for x in catalog.read_text().splitlines()]
-    assert len(rows) == len(tgt.items) and np.all([r["popularity"] >= 0 for r in rows])

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from training.dataset import Case, Item
 from training.evaluate import compute_metrics
-from training.fkloo import Case, FKItem
 from training.sasrec import (
     SASRec,
     SASRecConfig,
@@ -22,16 +22,10 @@ from training.sasrec import (
 )
 
 N_ITEMS = 120
-ITEMS = [FKItem(i, "A" if i < 60 else "B", f"t{i}") for i in range(N_ITEMS)]
+ITEMS = [Item(i, "A" if i < 60 else "B", f"t{i}") for i in range(N_ITEMS)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # A tiny model gains nothing from threads; on a shared 2-core machine they only contend.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cyclic_seqs(n: int, seed: int = 0) -> list[list[int]]:

@@ -10,7 +10,7 @@ import testutil
 
 from training.config import TrainConfig, load_config
 from training.data import LoadedData
-from training.fkloo import FKLOO, Case, FKItem, TrainSeq
+from training.dataset import Case, Dataset, Item, TrainSeq
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_CONFIG = REPO / "configs" / "tiny-test.yaml"
@@ -32,13 +32,13 @@ KITCHEN = [
 SERIAL = [f"n{i}" for i in range(40)]
 
 
-def toy_items(per_cluster: int = 16) -> list[FKItem]:
-    items: list[FKItem] = []
+def toy_items(per_cluster: int = 16) -> list[Item]:
+    items: list[Item] = []
     for dom, clusters in (("Food", FOOD), ("Kitchen", KITCHEN)):
         for c, words in enumerate(clusters):
             for j in range(per_cluster):
                 title = f"{words[j % 3]} {words[(j + 1) % 3]} {SERIAL[j]} c{c}"
-                items.append(FKItem(len(items), dom, title))
+                items.append(Item(len(items), dom, title))
     return items
 
 
@@ -64,7 +64,7 @@ def toy_data(n_users: int = 24, seed: int = 0, per_cluster: int = 16) -> LoadedD
         train.append(TrainSeq(uid, seq[:-2], doms[:-2]))
         valid.append(Case(uid, seq[:-2], seq[-2], doms[-2]))
         test.append(Case(uid, seq[:-1], seq[-1], doms[-1]))
-    data = FKLOO(items=items, train=train, valid=valid, test=test, root=Path("."))
+    data = Dataset(items=items, train=train, valid=valid, test=test, root=Path("."))
     return LoadedData(
         data,
         [str(it.item_id) for it in items],

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from cprec.lm import (
+    LMSource,
     Pooling,
     TextKind,
     TextTokenizer,
@@ -24,6 +25,7 @@ from cprec.lm import (
     load_backbone,
     load_tokenizer,
     pool,
+    resolve_base_model,
     resolve_device,
     resolve_dtype,
 )
@@ -112,6 +114,18 @@ class HFEncoder(Encoder):
             pooling,
             self.dim,
         )
+
+    @classmethod
+    def from_source(cls, source: LMSource, **kwargs: object) -> HFEncoder:
+        """An encoder over a resolved base LM (``cprec.lm.resolve_base_model``), named after it
+        unless ``name`` is given; other keyword arguments as for the constructor."""
+        kwargs.setdefault("name", source.version)
+        return cls(source.path, source.pooling, source.is_decoder, **kwargs)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_base(cls, name: str, cache_dir: Path, **kwargs: object) -> HFEncoder:
+        """A bundled base (``minilm-l6``, ``smollm2-135m``) or a local HF folder."""
+        return cls.from_source(resolve_base_model(name, cache_dir), **kwargs)
 
     def pre(self, texts: Sequence[str], kind: TextKind) -> list[list[int]]:
         return self.tokenizer(texts, kind)  # thread-safe (see TextTokenizer)

@@ -1,0 +1,402 @@
+"""The HTTP layer: routes over the engine, the admin check, and one error envelope.
+
+Routes validate (pydantic), call the engine and shape the response; nothing else lives here.
+Every non-2xx answer is ``{"error": {"code", "message", "details"}}`` made by :func:`error_body`
+and counted per code, whether it comes from the engine (``service.errors``, mapped to a status by
+``STATUS``), from request validation, from the body-size limit or from ``/ready``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, Response, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import TypeAdapter
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.catalog import Item, resolve_catalog_path
+from service.engine import Engine
+from service.errors import (
+    Forbidden,
+    NotReady,
+    PayloadTooLarge,
+    ServiceError,
+    Unauthorized,
+    ValidationFailed,
+)
+from service.metrics import Metrics
+from service.protocol import ERROR_RESPONSES, RecommendRequest, ReindexRequest
+from service.recommend import Recommendation
+from service.reindex import Job
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# The one table from an error code to its HTTP status (text-embeddings-inference's habit).
+STATUS: dict[str, int] = {
+    "validation_error": 422,
+    "payload_too_large": 413,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "not_found": 404,
+    "method_not_allowed": 405,
+    "conflict": 409,
+    "overloaded": 429,
+    "not_ready": 503,
+    "internal_error": 500,
+}
+_RECOMMENDATION = TypeAdapter(Recommendation)
+
+
+def error_body(code: str, message: str, details: Any = None) -> bytes:
+    """``{"error": {"code", "message", "details"}}``, encoded as Starlette's JSONResponse does."""
+    body = {"error": {"code": code, "message": message, "details": details}}
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def error_response(
+    metrics: Metrics,
+    code: str,
+    message: str,
+    details: Any = None,
+    status: int | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    """The envelope for ``code``, counted; every error response of the API is made here."""
+    metrics.errors.labels(code).inc()
+    return Response(
+        error_body(code, message, details),
+        status_code=status or STATUS.get(code, 500),
+        headers=headers,
+        media_type="application/json",
+    )
+
+
+def _error_headers(exc: ServiceError) -> dict[str, str]:
+    headers = {}
+    if exc.retry_after_s is not None:
+        headers["Retry-After"] = str(int(exc.retry_after_s))
+    if isinstance(exc, Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"
+    return headers
+
+
+# -- dependencies ---------------------------------------------------------------------------
+async def get_engine(request: Request) -> Engine:
+    """``async``: FastAPI runs a plain ``def`` dependency in its thread pool, a thread hop per
+    request for one attribute read."""
+    engine: Engine = request.app.state.engine
+    return engine
+
+
+EngineDep = Annotated[Engine, Depends(get_engine)]
+
+
+async def require_admin(request: Request, engine: EngineDep) -> None:
+    """Bearer token, compared in constant time; admin endpoints are off without a token."""
+    token = engine.settings.admin_token
+    if token is None:
+        raise Forbidden("admin endpoints are disabled: set CPREC_ADMIN_TOKEN to enable them")
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        raise Unauthorized("missing bearer token")
+    if not hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
+        raise Forbidden("invalid admin token")
+
+
+AdminDep = Annotated[None, Depends(require_admin)]
+
+# -- routes ---------------------------------------------------------------------------------
+router = APIRouter()
+
+
+@router.post("/recommend", response_model=Recommendation, tags=["recommend"])
+async def recommend(req: RecommendRequest, engine: EngineDep) -> Response:
+    """Top-k items per target domain for a mixed-domain history (titles and/or item ids)."""
+    rec = await engine.recommend(req)
+    # Serialised once, by pydantic-core, instead of FastAPI validating and encoding it again.
+    return Response(_RECOMMENDATION.dump_json(rec), media_type="application/json")
+
+
+@router.post("/items/reindex", status_code=202, response_model=Job, tags=["admin"])
+async def reindex(req: ReindexRequest, engine: EngineDep, _: AdminDep) -> Job:
+    """Replace, upsert or delete catalogue items given inline; runs as a background job."""
+    items = None
+    if req.items is not None:
+        items = [Item(i.item_id, i.domain, i.title, i.extra_text, i.popularity) for i in req.items]
+    path = None
+    if req.path is not None and req.mode != "delete":  # only inside CPREC_CATALOG_DIR
+        s = engine.settings
+        path = resolve_catalog_path(s.catalog_dir, req.path, s.max_upload_bytes)
+    return engine.reindexer.submit(req.mode, items=items, item_ids=req.item_ids, path=path)
+
+
+@router.post("/items/reindex/upload", status_code=202, response_model=Job, tags=["admin"])
+async def reindex_upload(
+    engine: EngineDep,
+    _: AdminDep,
+    file: Annotated[UploadFile, File(description="JSONL or CSV catalogue")],
+    mode: Annotated[str, Form(pattern="^(full|upsert)$")] = "full",
+) -> Job:
+    """Replace or upsert the catalogue from an uploaded JSONL/CSV file (parsed as data only)."""
+    limit = engine.settings.max_upload_bytes
+    data = await file.read(limit + 1)
+    if len(data) > limit:
+        raise PayloadTooLarge(
+            f"upload exceeds {limit} bytes (max_upload_bytes)",
+            details={"field": "file", "limit": limit},
+        )
+    name = (file.filename or "").lower()
+    ctype = (file.content_type or "").lower()
+    if name.endswith(".csv") or "csv" in ctype:
+        fmt = "csv"
+    elif name.endswith((".jsonl", ".ndjson", ".json")) or "json" in ctype:
+        fmt = "jsonl"
+    else:
+        raise ValidationFailed(
+            "cannot tell the upload's format: name it .jsonl or .csv", details={"field": "file"}
+        )
+    return engine.reindexer.submit(mode, upload=(data, fmt))
+
+
+@router.get("/items/reindex/{job_id}", response_model=Job, tags=["admin"])
+async def reindex_status(job_id: str, engine: EngineDep, _: AdminDep) -> Job:
+    return engine.job(job_id)
+
+
+@router.get("/live", tags=["ops"])
+async def live() -> dict[str, str]:
+    """The process is up and its event loop answers."""
+    return {"status": "live"}
+
+
+@router.get("/ready", tags=["ops"])
+async def ready(engine: EngineDep) -> dict[str, Any]:
+    """200 once the model and index are loaded and warmed; 503 while loading or draining."""
+    idx = engine.index
+    if engine.ready and idx is not None:
+        return {
+            "status": "ready",
+            "model_version": engine.model_version,
+            "index_version": idx.version,
+            "domains": {d: idx.size(d) for d in idx.domains},
+        }
+    reason = "draining" if engine.draining else (engine.startup_error or "loading")
+    raise NotReady(f"not ready: {reason}")
+
+
+@router.get("/metrics", tags=["ops"], response_class=PlainTextResponse)  # declared text/plain
+async def metrics(engine: EngineDep) -> Response:
+    return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+# -- middleware -----------------------------------------------------------------------------
+class BodyLimit:
+    """Refuse bodies over ``limit`` bytes (413) before they are buffered or parsed."""
+
+    def __init__(self, app: ASGIApp, limit: int, upload_limit: int, metrics: Metrics) -> None:
+        self.app, self.limit, self.upload_limit, self.metrics = app, limit, upload_limit, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        upload = scope["path"].endswith("/upload")
+        limit = self.upload_limit if upload else self.limit
+        name = "max_upload_bytes" if upload else "max_body_bytes"
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit():
+            if int(declared) > limit:
+                await self._refuse(scope, receive, send, limit, name)
+                return
+            # The server enforces the declared length, so the body cannot exceed it.
+            await self.app(scope, receive, send)
+            return
+        # No Content-Length (chunked): read the body up to the limit before the app runs, so
+        # the 413 never depends on how the app's layers report an error raised from receive().
+        chunks: list[bytes] = []
+        seen = 0
+        while True:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return  # the client went away
+            chunk = msg.get("body", b"")
+            seen += len(chunk)
+            if seen > limit:
+                await self._refuse(scope, receive, send, limit, name)
+                return
+            chunks.append(chunk)
+            if not msg.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(
+        self, scope: Scope, receive: Receive, send: Send, limit: int, name: str
+    ) -> None:
+        resp = error_response(
+            self.metrics,
+            "payload_too_large",
+            f"request body exceeds {limit} bytes ({name})",
+            {"limit": limit, "setting": name},
+        )
+        await resp(scope, receive, send)
+
+
+class Observe:
+    """Latency and requests per route template and status, as plain ASGI: Starlette's
+    ``BaseHTTPMiddleware`` adds a task and two memory streams to every request."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = 500  # an exception that escapes the app is answered as a 500 further out
+
+        async def send_status(msg: Message) -> None:
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            name = getattr(scope.get("route"), "path", "unmatched")  # set by the router
+            self.metrics.latency.labels(name).observe(time.perf_counter() - t0)
+            self.metrics.requests.labels(name, str(status)).inc()
+
+
+# -- the app --------------------------------------------------------------------------------
+def _loc(loc: Any) -> str:
+    parts = [str(p) for p in loc if p not in ("body",)]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
+    return out or "body"
+
+
+def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
+    """Each error as {field, reason, type}; a body that is not JSON says where it breaks."""
+    out = []
+    for e in exc.errors():
+        err = {"field": _loc(e.get("loc", ())), "reason": e.get("msg", ""), "type": e.get("type")}
+        if e.get("type") == "json_invalid":  # loc is ("body", char offset): say so plainly
+            pos = (list(e.get("loc", ())) + [None, None])[1]
+            err["field"] = "body"
+            err["reason"] = (
+                f"invalid JSON at character {pos}: "
+                f"{(e.get('ctx') or {}).get('error', 'decode error')}"
+            )
+        out.append(err)
+    return out
+
+
+def _unparsable_body(exc: StarletteHTTPException) -> tuple[str, str]:
+    """(reason, type) of a body FastAPI/Starlette could not parse (not UTF-8, broken multipart),
+    which they report as a bare 400; this API makes it a 422 like every other bad body."""
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, UnicodeDecodeError):
+        return f"body is not valid UTF-8 (byte {cause.start})", "utf8_invalid"
+    why = str(cause or "")[:200] or str(exc.detail)
+    return f"body cannot be parsed ({why})", "body_invalid"
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+    """``engine`` may be injected (tests serve a fake encoder); otherwise built from settings."""
+    settings = settings or (engine.settings if engine else Settings())
+    eng = engine or Engine(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        log.info("settings: %s", settings.redacted())
+        try:
+            await eng.start()
+        except Exception as exc:
+            eng.startup_error = f"{type(exc).__name__}: {exc}"
+            log.exception("start-up failed")
+            raise
+        try:
+            yield
+        finally:
+            await eng.stop()
+
+    app = FastAPI(
+        title="cprec",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Domain-agnostic LLM recommendations over a FAISS item index.",
+    )
+    app.state.engine = eng
+    app.include_router(router, responses=ERROR_RESPONSES)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+        )
+
+    def render(code: str, message: str, details: Any = None, **kw: Any) -> Response:
+        return error_response(eng.metrics, code, message, details, **kw)
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> Response:
+        return render(exc.code, exc.message, exc.details, headers=_error_headers(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        errs = _validation_errors(exc)
+        first = errs[0] if errs else {"field": "body", "reason": "invalid"}
+        return render("validation_error", f"{first['field']}: {first['reason']}", errs)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400:
+            reason, kind = _unparsable_body(exc)
+            details = [{"field": "body", "reason": reason, "type": kind}]
+            return render("validation_error", f"body: {reason}", details)
+        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
+            exc.status_code, "http_error"
+        )
+        headers = getattr(exc, "headers", None)
+        return render(code, str(exc.detail), status=exc.status_code, headers=headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s", request.url.path)
+        return render("internal_error", "internal error; see the server log")
+
+    app.add_middleware(Observe, metrics=eng.metrics)
+    app.add_middleware(
+        BodyLimit,
+        limit=settings.max_body_bytes,
+        upload_limit=settings.max_upload_bytes,
+        metrics=eng.metrics,
+    )
+    return app
