@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
-SRC := cprec service model_store training tests bench
+SRC := cprec service model_store training tests bench tools
 
 .PHONY: install serve test test-fast lint fmt typecheck train bench audit clean
 

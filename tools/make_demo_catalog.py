@@ -4,10 +4,11 @@
 Every brand, game title and film title below is invented here from hand-made
 vocabulary lists; no third-party data is read or copied. The script uses only
 the standard library and a fixed ``random.Random(SEED)``, so re-running it
-produces a byte-identical ``demo_catalog.jsonl`` next to this file.
+produces a byte-identical ``service/data/demo_catalog.jsonl`` (the catalogue the
+service ships). A development tool: nothing at run time imports it.
 
 Usage:
-    python3 service/data/make_demo_catalog.py [--out PATH] [--seed N]
+    python3 tools/make_demo_catalog.py [--out PATH] [--seed N]
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import random
 from pathlib import Path
 
 SEED = 20240611
-OUT_PATH = Path(__file__).resolve().parent / "demo_catalog.jsonl"
+OUT_PATH = Path(__file__).resolve().parent.parent / "service" / "data" / "demo_catalog.jsonl"
 
 # Zipf-like popularity: popularity(rank) ~= ZIPF_SCALE / rank ** ZIPF_EXPONENT.
 ZIPF_SCALE = 50_000
