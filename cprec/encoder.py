@@ -123,9 +123,9 @@ class HFEncoder(Encoder):
         return cls(source.path, source.pooling, source.is_decoder, **kwargs)  # type: ignore[arg-type]
 
     @classmethod
-    def from_base(cls, name: str, cache_dir: Path, **kwargs: object) -> HFEncoder:
+    def from_base(cls, base: str, cache_dir: Path, **kwargs: object) -> HFEncoder:
         """A bundled base (``minilm-l6``, ``smollm2-135m``) or a local HF folder."""
-        return cls.from_source(resolve_base_model(name, cache_dir), **kwargs)
+        return cls.from_source(resolve_base_model(base, cache_dir), **kwargs)
 
     def pre(self, texts: Sequence[str], kind: TextKind) -> list[list[int]]:
         return self.tokenizer(texts, kind)  # thread-safe (see TextTokenizer)

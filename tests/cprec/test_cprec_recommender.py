@@ -97,3 +97,13 @@ def test_zero_shot_base_keeps_the_lm_vectors(tmp_path: Path, tiny_bert_dir: Path
     assert rows.shape == (2, 33) and rows[1, -1] == pytest.approx(0.05)
     with pytest.raises(FileNotFoundError, match="neither a bundled name"):
         Recommender.from_base(str(tmp_path / "nope"), tmp_path)
+
+
+def test_encoder_from_a_base_name(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    """The constructor the benchmarks and training use: named after the base unless told."""
+    from cprec.encoder import HFEncoder
+
+    enc = HFEncoder.from_base(str(tiny_bert_dir), tmp_path, device="cpu", dtype="float32")
+    assert enc.name == f"local-{tiny_bert_dir.name}" and enc.pooling == "mean"
+    named = HFEncoder.from_base(str(tiny_bert_dir), tmp_path, name="minilm-l6", device="cpu")
+    assert named.name == "minilm-l6"
