@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-# libgomp's spin before a waiting OpenMP thread sleeps, in spins (its default is about 3 ms).
+# libgomp's spin count before a waiting OpenMP thread sleeps (its own default spins far longer).
 # A service shares two cores between its event loop and torch's thread team; a long spin takes
 # the CPU the loop needs (docs/decisions/003-serving-on-two-cores.md).
 GOMP_SPINCOUNT = "20000"
