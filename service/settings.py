@@ -203,8 +203,7 @@ class Settings(BaseSettings):
     )
     base_model: str = Field(
         default="minilm-l6",
-        description="Served zero-shot when `model` is not in the store: a bundled name "
-        "(minilm-l6, smollm2-135m) or a local HF folder.",
+        description="Served zero-shot without `model`: minilm-l6, smollm2-135m or an HF folder.",
     )
     zero_shot: Literal["mean", "text"] = Field(
         default="mean",

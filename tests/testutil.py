@@ -88,17 +88,9 @@ def tiny_hier(
 
     torch.manual_seed(seed)
     cfg = HierConfig(
-        text_dim=text_dim,
-        dim=dim,
-        layers=1,
-        heads=2,
-        ffn=32,
-        dropout=0.0,
-        attn_dropout=0.0,
-        max_len=max_len,
-        domains=list(domains),
-        residual_rows=len(residual_ids) + 1,
-    )
+        text_dim=text_dim, dim=dim, layers=1, heads=2, ffn=32, dropout=0.0, attn_dropout=0.0,
+        max_len=max_len, domains=list(domains), residual_rows=len(residual_ids) + 1,
+    )  # fmt: skip
     model = HierRec(cfg, list(residual_ids))
     with torch.no_grad():
         for m in model.modules():

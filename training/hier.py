@@ -464,20 +464,13 @@ def new_model(cfg: HierTrainConfig, corpus: Corpus, text: torch.Tensor) -> HierR
     tgt = corpus.target_source
     seen = sorted({i for s in tgt.mixed for i in s})  # residual rows: target training items
     ids = [corpus.keys[i] for i in seen] if m.id_residual else []
+    # The shape and scoring fields have the same names in both configs.
+    shared = m.model_dump(include=set(HierConfig.__dataclass_fields__))
     hc = HierConfig(
         text_dim=int(text.shape[1]),
-        dim=m.dim,
-        layers=m.layers,
-        heads=m.heads,
-        ffn=m.ffn,
-        dropout=m.dropout,
-        attn_dropout=m.attn_dropout,
-        max_len=m.max_len,
         domains=list(corpus.domains),
         residual_rows=len(ids) + 1 if ids else 0,
-        adapter=m.adapter,
-        score=m.score,
-        temperature=m.temperature,
+        **shared,
     )
     model = HierRec(hc, ids)
     model.init_adapter_pca(text)
