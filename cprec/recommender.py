@@ -44,7 +44,6 @@ from cprec.text import Template
 
 Kind = Literal["flat", "hier"]
 Scorer = Literal["text", "hier", "mean"]
-SCORERS: tuple[Scorer, ...] = ("text", "hier", "mean")
 CONFIG = "recommender.json"
 STORE_MANIFEST = "manifest.json"  # a model-store version's manifest, read for older artifacts
 HIER_DIR = "hier"  # a hier model's HierRec folder, beside the LM at the folder's root
