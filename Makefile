@@ -26,6 +26,7 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	@command -v docker-compose >/dev/null 2>&1 || (apt-get install -y -q --no-install-recommends docker-compose >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends docker-compose >/dev/null 2>&1) || echo "docker-compose not installable; its test will skip")
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || (apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1) || echo "chromium not installable; the browser test will skip")
 	# Lint and layout first (a second or two): CI is the only place every change passes through.
 	$(BIN)/ruff check $(SRC)
 	$(BIN)/ruff format --check $(SRC)

@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.catalog import Item, resolve_catalog_path
+from service.demo import router as demo_router
 from service.engine import Engine
 from service.errors import (
     Forbidden,
@@ -354,6 +355,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     )
     app.state.engine = eng
     app.include_router(router, responses=ERROR_RESPONSES)
+    app.include_router(demo_router, responses=ERROR_RESPONSES)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

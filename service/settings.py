@@ -192,6 +192,7 @@ class Settings(BaseSettings):
         default=None, description="Bearer token for admin endpoints; unset = admin endpoints off."
     )
     cors_origins: list[str] = Field(default_factory=list, description="Empty = CORS off.")
+    demo_page: bool = Field(default=True, description="The try-it page at / and /demo/.")
     # -- the model ----------------------------------------------------------------------------
     store_dir: Path = Field(
         default=Path("var/store"),

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # POST routes that only read (a query with a body); any other non-GET route must be admin-only.
 READ_ONLY_POST = {"/recommend"}
+PUBLIC_GET = {"/items/search"}  # the catalogue title search (the demo page's): a read
 
 
 async def _admin_routes(client: Any) -> list[tuple[str, str]]:
@@ -39,7 +40,7 @@ async def _admin_routes(client: Any) -> list[tuple[str, str]]:
         for m in ops:
             if path in READ_ONLY_POST and m == "post":
                 continue
-            if m.upper() != "GET" or path.startswith("/items"):
+            if m.upper() != "GET" or (path.startswith("/items") and path not in PUBLIC_GET):
                 out.append((m.upper(), path.replace("{job_id}", "abc")))
     return out
 
