@@ -40,7 +40,9 @@ Modes:
 Outputs: ``bench/results/fk_loo/<row>.test.jsonl.gz`` (``.test.subset.jsonl.gz`` when a row only
 covers the sample), ``bench/results/quality.json`` (per mode; rows of earlier runs of the same
 mode are kept unless re-run), a rich table, and the section of ``docs/benchmarks.md`` between
-its ``quality`` markers (``bench.common.write_section``).
+its ``quality`` markers (``bench.common.write_section``); then ``bench/plots.py`` redraws the
+pictures (``docs/img/``, the ``plots`` section) from those lists and keeps the headline run's
+``log.csv`` as ``bench/results/fk_loo/cprec.log.csv``.
 """
 
 from __future__ import annotations
@@ -896,6 +898,18 @@ def write_docs(section: str) -> None:
     write_section("quality", section, "python -m bench.quality", DOCS)
 
 
+def write_plots() -> None:
+    """The pictures of the results (``bench/plots.py``) from the lists just stored; a failure
+    there is logged and loses no result."""
+    from bench import plots
+
+    try:
+        for path in plots.write_all():
+            log.info("wrote %s", path.relative_to(REPO))
+    except Exception:
+        log.exception("plots not redrawn; run `python -m bench.plots` to see why")
+
+
 # -- main --------------------------------------------------------------------------------------
 
 
@@ -950,6 +964,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             }
             run["order"] = fill_missing(run["rows"], m, args)
         write_docs(markdown(q))
+        write_plots()
         return 0
 
     import torch
@@ -1042,6 +1057,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tmp.replace(QUALITY_JSON)
     print_table(mode, run, q["anchors"][mode])
     write_docs(markdown(q))
+    write_plots()
     print(
         f"wrote {QUALITY_JSON.relative_to(REPO)}, {DOCS.relative_to(REPO)} and lists in "
         f"{LISTS.relative_to(REPO)}/ ({run['wall_s']:.0f} s)"
