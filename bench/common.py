@@ -363,11 +363,15 @@ def run_service(
     settings: dict[str, str] | None = None,
     startup_timeout_s: float = 600,
     store_dir: Path | None = None,
+    code: Path = REPO,
+    workers: int = 1,
 ) -> Iterator[Service]:
     """``python -m service`` as a uvicorn subprocess on a free loopback port; stopped at exit.
 
     ``store_dir`` may be shared by several services (the first saves the index, the next load
-    it); by default each gets a temporary one.
+    it); by default each gets a temporary one. ``code``: the source tree to run (another
+    checkout, for an A/B between commits). ``workers``: ``CPREC_WORKERS``; ready once every
+    worker has answered ``/ready``.
     """
     port = free_port()
     tmp = Path(tempfile.mkdtemp(prefix="cprec-bench-"))
@@ -394,6 +398,9 @@ def run_service(
     # The serving benchmarks measure the LM-over-history-text path (the flat kind), which the
     # base model's default zero-shot scorer (mean of item vectors) would skip.
     env.setdefault("CPREC_ZERO_SHOT", "text")
+    # One process unless a benchmark asks for more: the batching and device rows read one
+    # process's /metrics, and a worker count is a condition a benchmark names.
+    env["CPREC_WORKERS"] = str(workers)
     env.pop("REDIS_URL", None)
     if redis_url:
         env["REDIS_URL"] = redis_url
@@ -402,7 +409,7 @@ def run_service(
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen(
             [PY, "-m", "service", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO,
+            cwd=code,
             env=env,
             stdout=logf,
             stderr=subprocess.STDOUT,
@@ -410,6 +417,8 @@ def run_service(
     svc = Service(f"http://127.0.0.1:{port}", proc, log_path, env)
     try:
         _wait_ready(svc, startup_timeout_s)
+        if workers > 1:
+            wait_workers(svc, workers, startup_timeout_s)
         yield svc
     finally:
         proc.terminate()
@@ -441,6 +450,26 @@ def _wait_ready(svc: Service, timeout_s: float) -> None:
         f"service not ready after {timeout_s}s:\n"
         + svc.log_path.read_text(errors="replace")[-3000:]
     )
+
+
+def wait_workers(svc: Service, n: int, timeout_s: float) -> None:
+    """Until each of ``n`` workers has answered ``/ready`` (a new connection goes to whichever
+    worker accepts first, so the first ready one would answer alone while others load)."""
+    import httpx
+
+    seen: set[int] = set()
+    deadline = time.time() + timeout_s
+    while len(seen) < n:
+        if svc.proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError(
+                f"workers {sorted(seen)} of {n} ready:\n"
+                + svc.log_path.read_text(errors="replace")[-3000:]
+            )
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            r = httpx.get(svc.url + "/ready", timeout=2)
+            if r.status_code == 200:
+                seen.add(int(r.json().get("worker", 0)))
+        time.sleep(0.05)
 
 
 # -- load generator ---------------------------------------------------------------------------

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -176,21 +177,22 @@ class Recommender:
         lens = [len(h.domains) for h in histories]
         t = max(lens)
         text = np.zeros((b, t, model.cfg.text_dim), dtype=np.float32)  # [B, T, text_dim]
-        rows = torch.zeros((b, t), dtype=torch.long)  # [B, T], 0 = no residual / padding
-        doms = torch.zeros((b, t), dtype=torch.long)  # [B, T], 0 = unknown domain / padding
+        rows = np.zeros((b, t), dtype=np.int64)  # [B, T], 0 = no residual / padding
+        doms = np.zeros((b, t), dtype=np.int64)  # [B, T], 0 = unknown domain / padding
+        # Filled in numpy, then one tensor each: a torch op per history costs more than the
+        # whole fill (this runs once per tick for every cache-miss request).
+        row_of, dom_of = model.residual_row, model.domain_index
         for i, h in enumerate(histories):
             n = lens[i]
             text[i, :n] = h.vecs
-            known = [(j, x) for j, x in enumerate(h.item_ids) if x is not None]
-            if known:
-                rows[i, [j for j, _ in known]] = model.residual_rows_for([x for _, x in known])
-            doms[i, :n] = model.domain_ids(h.domains)
+            rows[i, :n] = [0 if x is None else row_of.get(x, 0) for x in h.item_ids]
+            doms[i, :n] = [dom_of.get(d, 0) for d in h.domains]
         dev = _device(model)
-        with torch.inference_mode():
+        with torch.inference_mode(), _one_thread_on_cpu(dev):
             u = model.encode_histories(
                 torch.from_numpy(text).to(dev),
-                rows.to(dev),
-                doms.to(dev),
+                torch.from_numpy(rows).to(dev),
+                torch.from_numpy(doms).to(dev),
                 torch.tensor(lens, dtype=torch.long, device=dev),
             )  # [B, dim]
         return u.float().cpu().numpy()  # type: ignore[no-any-return]
@@ -345,3 +347,20 @@ def _load_hier(folder: Path, cfg: RecommenderConfig, encoder: Encoder) -> HierRe
 
 def _device(model: HierRec) -> torch.device:
     return next(model.parameters()).device
+
+
+@contextmanager
+def _one_thread_on_cpu(device: torch.device) -> Iterator[None]:
+    """The user model on one intra-op thread: its ops are too small to gain from a second one,
+    and a thread team waiting at each op's barrier for a core the event loop holds made the
+    forward many times slower (docs/decisions/006-serving-hier.md). The calling thread's
+    setting is restored, so the LM's forwards keep theirs."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

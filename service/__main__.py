@@ -6,11 +6,14 @@ import argparse
 import logging
 import os
 import signal
+import socket
+import sys
 
 import uvicorn
 
 from service.api import create_app
 from service.settings import Settings
+from service.supervisor import STARTUP_FAILURE, supervise
 
 
 class DrainingServer(uvicorn.Server):
@@ -39,11 +42,29 @@ def main() -> None:
     args = parser.parse_args()
     overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
     settings = Settings(**overrides)  # type: ignore[arg-type]
+    configure_logging(settings)
+    workers = settings.worker_count()
+    if workers == 1:
+        serve_one(settings)
+    else:
+        sys.exit(supervise(settings, overrides, workers))
+
+
+def configure_logging(settings: Settings) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+
+
+def serve_one(settings: Settings, sockets: list[socket.socket] | None = None) -> None:
+    """One service process (on ``sockets`` when a supervisor bound them); exits with
+    ``STARTUP_FAILURE`` when it never started serving."""
+    configure_logging(settings)
     app = create_app(settings)
-    DrainingServer(uvicorn_config(app, settings), app.state.engine).run()
+    server = DrainingServer(uvicorn_config(app, settings), app.state.engine)
+    server.run(sockets=sockets)
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)
 
 
 def uvicorn_config(app: object, settings: Settings) -> uvicorn.Config:

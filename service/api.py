@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -58,6 +59,8 @@ STATUS: dict[str, int] = {
     "internal_error": 500,
 }
 _RECOMMENDATION = TypeAdapter(Recommendation)
+# Which of CPREC_WORKERS answered (0 for a single process): set by service.supervisor.
+WORKER = int(os.environ.get("CPREC_WORKER", "0"))
 
 
 def error_body(code: str, message: str, details: Any = None) -> bytes:
@@ -193,6 +196,7 @@ async def ready(engine: EngineDep) -> dict[str, Any]:
             "model_version": engine.model_version,
             "index_version": idx.version,
             "domains": {d: idx.size(d) for d in idx.domains},
+            "worker": WORKER,
         }
     reason = "draining" if engine.draining else (engine.startup_error or "loading")
     raise NotReady(f"not ready: {reason}")
@@ -242,16 +246,7 @@ class BodyLimit:
             chunks.append(chunk)
             if not msg.get("more_body", False):
                 break
-        body, replayed = b"".join(chunks), False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, _replay(b"".join(chunks), receive), send)
 
     async def _refuse(
         self, scope: Scope, receive: Receive, send: Send, limit: int, name: str
@@ -291,6 +286,97 @@ class Observe:
             name = getattr(scope.get("route"), "path", "unmatched")  # set by the router
             self.metrics.latency.labels(name).observe(time.perf_counter() - t0)
             self.metrics.requests.labels(name, str(status)).inc()
+
+
+# -- the fast path ----------------------------------------------------------------------------
+_JSON_TYPES = (b"application/json", b"application/json; charset=utf-8")
+
+
+class App(FastAPI):
+    """FastAPI with one route answered below its stack: ``POST /recommend`` with a JSON body that
+    validates goes straight from the bytes to the engine and back (the route declared on the
+    router stays, for the OpenAPI schema and as the path of everything else).
+
+    Request and response are the route's own: the same model validated (from the bytes, by
+    pydantic-core), the same engine call, the same serialiser, the same error envelope and
+    counters. A body that does not validate, a chunked body, another content type or CORS
+    take the full stack, so every error keeps the exact answer it always had. What it skips is
+    a dozen middleware and routing layers, the dependency solver and a JSON round trip through
+    Python objects per request (docs/decisions/006-serving-hier.md)."""
+
+    fast_path = True
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            self.fast_path
+            and scope["type"] == "http"
+            and scope["path"] == "/recommend"
+            and scope["method"] == "POST"
+        ):
+            await self._recommend(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+    async def _recommend(self, scope: Scope, receive: Receive, send: Send) -> None:
+        t0 = time.perf_counter()
+        engine: Engine = self.state.engine
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length", b"")
+        ctype = headers.get(b"content-type")
+        if not declared.isdigit() or (ctype is not None and ctype.lower() not in _JSON_TYPES):
+            await super().__call__(scope, receive, send)
+            return
+        if int(declared) > engine.settings.max_body_bytes:
+            await super().__call__(scope, receive, send)  # BodyLimit answers the 413
+            return
+        chunks = []
+        while True:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return  # the client went away
+            chunks.append(msg.get("body", b""))
+            if not msg.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        try:
+            req = RecommendRequest.model_validate_json(body)
+        except ValidationError:
+            await super().__call__(scope, _replay(body, receive), send)  # the 422 as always
+            return
+        try:
+            rec = await engine.recommend(req)
+            content = _RECOMMENDATION.dump_json(rec)
+            status, raw = 200, [(b"content-type", b"application/json")]
+            raw.append((b"content-length", str(len(content)).encode()))
+        except ServiceError as exc:
+            resp = error_response(
+                engine.metrics, exc.code, exc.message, exc.details, headers=_error_headers(exc)
+            )
+            status, raw, content = resp.status_code, resp.raw_headers, bytes(resp.body)
+        except Exception:
+            log.exception("unhandled error on /recommend")
+            resp = error_response(
+                engine.metrics, "internal_error", "internal error; see the server log"
+            )
+            status, raw, content = resp.status_code, resp.raw_headers, bytes(resp.body)
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.body", "body": content})
+        engine.metrics.latency.labels("/recommend").observe(time.perf_counter() - t0)
+        engine.metrics.requests.labels("/recommend", str(status)).inc()
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that hands ``body`` over once, then waits on the real one (disconnects)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 # -- the app --------------------------------------------------------------------------------
@@ -347,7 +433,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         finally:
             await eng.stop()
 
-    app = FastAPI(
+    app = App(
         title="cprec",
         version="0.1.0",
         lifespan=lifespan,

@@ -10,6 +10,7 @@ and library users call ``recommend``, ``reindexer.submit`` and ``job`` here.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,7 @@ class Engine:
         self._cache = cache
         self._requests: RequestPath | None = None
         self._reindexer: Reindexer | None = None
+        self._follower: asyncio.Task[None] | None = None
 
     # -- what routes and library users call -------------------------------------------------
     async def recommend(self, req: RecommendRequest) -> Recommendation:
@@ -210,21 +212,26 @@ class Engine:
         parts = Parts(s, t, model, self.batcher, self.live, self.metrics)
         self._requests = RequestPath(parts, self.cache)
         self._reindexer = Reindexer(parts, self.index_store)
-        index = await asyncio.to_thread(
-            self.index_store.load_latest, s.faiss_gpu, t.hnsw_ef_search, model.scorer
-        )
-        if index is not None and not self._fits(index):
-            log.warning(
-                "saved index %s has %d-d rows, the model needs %d: indexing again",
-                index.version,
-                index.dim,
-                model.user_dim,
+        # Under the store's writer lock: of several workers starting at once, the first builds
+        # and saves the index, the others wait for it and load the saved snapshot.
+        async with self.index_store.writer():
+            index = await asyncio.to_thread(
+                self.index_store.load_latest, s.faiss_gpu, t.hnsw_ef_search, model.scorer
             )
-            index = None
-        if index is None:
-            log.info("no saved index for %s: indexing %s", model.version, s.catalog_path)
-            index = await self._reindexer.build_from_file(Path(s.catalog_path))
+            if index is not None and not self._fits(index):
+                log.warning(
+                    "saved index %s has %d-d rows, the model needs %d: indexing again",
+                    index.version,
+                    index.dim,
+                    model.user_dim,
+                )
+                index = None
+            if index is None:
+                log.info("no saved index for %s: indexing %s", model.version, s.catalog_path)
+                index = await self._reindexer.build_from_file(Path(s.catalog_path))
         self.live.swap(index)
+        if s.index_sync_s > 0:
+            self._follower = asyncio.create_task(self._follow_store(s.index_sync_s))
         self.ready = True
         self.metrics.ready.set(1)
         log.info(
@@ -236,9 +243,23 @@ class Engine:
             ", ".join(index.domains),
         )
 
+    async def _follow_store(self, every_s: float) -> None:
+        """Every ``every_s``: swap in a snapshot another process published to the shared store.
+        A snapshot that does not load (pruned meanwhile, not whole) is retried next time; the
+        live one keeps serving."""
+        assert self._reindexer is not None
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                await self._reindexer.follow()
+            except Exception as exc:  # noqa: BLE001 - keep following; the live index serves
+                log.warning("cannot load the store's current index yet: %s", exc)
+
     async def stop(self) -> None:
         self.ready = False
         self.metrics.ready.set(0)
+        if self._follower is not None:
+            self._follower.cancel()
         if self._reindexer is not None:
             self._reindexer.cancel()
         if self.batcher is not None:
@@ -274,6 +295,9 @@ class Engine:
     def _on_swap(self, index: ItemIndex) -> None:
         if self._requests is not None:
             self._requests.ranked.clear()  # keyed by snapshot version too; this frees them
+        # The snapshot's catalogue is millions of long-lived objects; frozen, the cyclic GC's
+        # full collections stop walking them on the request path (they were the p99's pauses).
+        gc.freeze()
         self.metrics.index_size.clear()
         for d in index.domains:
             self.metrics.index_size.labels(d).set(index.size(d))

@@ -19,12 +19,15 @@ removes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import json
 import logging
+import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -289,11 +292,52 @@ class ItemIndex:
 
 
 class IndexStore:
-    """Saved snapshots for one model version: load the newest complete one, prune old ones."""
+    """Saved snapshots for one model version: load the newest complete one, prune old ones.
+
+    Several processes (workers, replicas) may share one: ``CURRENT`` names the snapshot last
+    published, writers take :meth:`writer` first (one at a time, across processes), and
+    readers follow ``CURRENT`` (:meth:`current`, :meth:`load_version`)."""
 
     def __init__(self, root: Path, keep: int = 3) -> None:
         self.root = root
         self.keep = keep
+
+    def current(self) -> str | None:
+        """The version ``CURRENT`` names (None before the first save)."""
+        try:
+            return (self.root / "CURRENT").read_text(encoding="utf-8").strip() or None
+        except FileNotFoundError:
+            return None
+
+    def load_version(
+        self,
+        version: str,
+        use_gpu: bool = False,
+        ef_search: int | None = None,
+        scorer: str | None = None,
+    ) -> ItemIndex:
+        """One saved snapshot, verified (raises ArtifactError/OSError if it is not whole)."""
+        return ItemIndex.load(
+            self.root / "versions" / version, use_gpu=use_gpu, ef_search=ef_search, scorer=scorer
+        )
+
+    @contextlib.asynccontextmanager
+    async def writer(self, poll_s: float = 0.05) -> AsyncIterator[None]:
+        """The store's one writer, across processes (an flock on ``writer.lock``, released by
+        the kernel if the holder dies): builds, saves and partial-snapshot cleanup happen under
+        it, so two processes never merge into, or clean up, each other's half-written work."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / "writer.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(poll_s)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def cleanup_partial(self) -> None:
         """Remove half-written snapshots left by a crash."""

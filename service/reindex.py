@@ -11,13 +11,16 @@ catalogue with no saved snapshot takes the same steps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
+import json
 import logging
+import os
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -34,6 +37,7 @@ log = logging.getLogger(__name__)
 
 Mode = Literal["full", "upsert", "delete"]
 JOBS_KEPT = 100  # finished jobs whose status stays queryable
+JOB_SHOW_S = 0.5  # how often a running job's progress is written for the other workers
 
 
 @dataclass(slots=True)
@@ -50,6 +54,13 @@ class Job:
     index_version: str | None = None
     error: str | None = None
     finished_at: float | None = None
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Job:
+        return cls(**json.loads(raw))
 
 
 def release_memory() -> None:
@@ -74,6 +85,7 @@ class Reindexer:
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self._write_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._shown = 0.0  # when a running job's progress was last written for other workers
 
     # -- building ---------------------------------------------------------------------------
     async def build_from_file(self, path: Path) -> ItemIndex:
@@ -119,6 +131,8 @@ class Reindexer:
             if job is not None:
                 job.embedded += len(chunk)
                 job.progress = job.embedded / max(job.total, 1)
+                if time.monotonic() - self._shown >= JOB_SHOW_S:
+                    await self._show(job)
         return out
 
     async def index_rows(self, items: Sequence[Item], lm: np.ndarray) -> np.ndarray:
@@ -189,6 +203,7 @@ class Reindexer:
         self.jobs[job.job_id] = job
         while len(self.jobs) > JOBS_KEPT:
             self.jobs.popitem(last=False)
+        self._show_now(job)
         task = asyncio.create_task(self._run(job, items, item_ids, upload, path))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -196,9 +211,63 @@ class Reindexer:
         return job
 
     def job(self, job_id: str) -> Job:
-        if job_id not in self.jobs:
-            raise NotFound(f"no reindex job {job_id!r}", details={"job_id": job_id})
-        return self.jobs[job_id]
+        """A job of this process, else one another process sharing the store runs or ran."""
+        if job_id in self.jobs:
+            return self.jobs[job_id]
+        path = self._job_path(job_id)
+        if path is not None:
+            with contextlib.suppress(OSError, ValueError, TypeError):
+                return Job.from_json(path.read_bytes())
+        raise NotFound(f"no reindex job {job_id!r}", details={"job_id": job_id})
+
+    # -- what other processes see ------------------------------------------------------------
+    def _job_path(self, job_id: str) -> Path | None:
+        if not (job_id.isalnum() and len(job_id) <= 64):  # a name, never a path
+            return None
+        return self.store.root / "jobs" / f"{job_id}.json"
+
+    def _show_now(self, job: Job) -> None:
+        """Write ``job``'s status where every worker reads it (temp file + rename: a reader
+        sees a whole status); old statuses beyond ``JOBS_KEPT`` are removed."""
+        self._shown = time.monotonic()
+        path = self._job_path(job.job_id)
+        assert path is not None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.write_bytes(job.to_json())
+            os.replace(tmp, path)
+            if job.finished_at is not None:
+                kept = sorted(path.parent.glob("*.json"), key=lambda p: p.stat().st_mtime)
+                for old in kept[:-JOBS_KEPT]:
+                    old.unlink(missing_ok=True)
+        except OSError as exc:  # the status stays visible to this worker
+            log.warning("cannot write job status %s: %s", path, exc)
+
+    async def _show(self, job: Job) -> None:
+        await asyncio.to_thread(self._show_now, job)
+
+    async def follow(self) -> bool:
+        """Swap in the snapshot ``CURRENT`` names when another process published it (a reindex
+        through another worker or replica); False when there was nothing to do. Skipped while
+        this process writes: its job catches up first, under the store's writer lock."""
+        if self._write_lock.locked():
+            return False
+        async with self._write_lock:
+            return await self._catch_up()
+
+    async def _catch_up(self) -> bool:
+        version = await asyncio.to_thread(self.store.current)
+        live = self.parts.live.current
+        if version is None or live is None or version == live.version:
+            return False
+        s, t = self.parts.settings, self.parts.tuning
+        index = await asyncio.to_thread(
+            self.store.load_version, version, s.faiss_gpu, t.hnsw_ef_search, self.model.scorer
+        )
+        self.parts.live.swap(index)
+        log.info("index %s (published by another process) is live", version)
+        return True
 
     def cancel(self) -> None:
         """Shutdown: running jobs fail as cancelled; the live snapshot is untouched."""
@@ -214,41 +283,14 @@ class Reindexer:
         path: Path | None,
     ) -> None:
         async with self._write_lock:
-            job.state = "running"
             try:
-                if path is not None:  # server-side file, parsed exactly like an upload
-                    fmt = "csv" if path.suffix.lower() == ".csv" else "jsonl"
-                    upload = (await asyncio.to_thread(path.read_bytes), fmt)
-                if upload is not None:
-                    data, fmt = upload
-                    items = await asyncio.to_thread(
-                        parse_catalog, data, fmt, "upload", self.parts.settings.max_upload_rows
-                    )
-                old = self.parts.live.current
-                assert old is not None
-                new_items = merge(old, job.mode, items, item_ids)
-                if not new_items:
-                    raise ValidationFailed("the resulting catalogue would be empty")
-                old_lm = old.lm_vectors
-                reuse = {
-                    self.model.lm_text(it.domain, it.title, it.extra_text): old_lm[r]
-                    for r, it in enumerate(old.items)
-                }
-                lm = await self.embed_items(new_items, job, reuse)
-                rows = await self.index_rows(new_items, lm)
-                index = await asyncio.to_thread(self.build_and_save, new_items, rows, lm)
-                self.parts.live.swap(index)
-                job.index_version = index.version
-                job.state = "succeeded"
-                job.progress = 1.0
-                self.parts.metrics.reindex_jobs.labels("succeeded").inc()
-                log.info(
-                    "reindex %s (%s) done: index %s, %d items",
-                    job.job_id,
-                    job.mode,
-                    index.version,
-                    len(new_items),
-                )
+                # Queued until no other process writes this store; then start from the newest
+                # snapshot, which another worker may have published since this one last looked.
+                async with self.store.writer():
+                    job.state = "running"
+                    await self._show(job)
+                    await self._catch_up()
+                    await self._job(job, items, item_ids, upload, path)
             except asyncio.CancelledError:
                 job.state, job.error = "failed", "cancelled (shutdown)"
                 raise
@@ -261,9 +303,53 @@ class Reindexer:
                 )
             finally:
                 job.finished_at = time.time()
-                # Drop the old snapshot and the job's buffers before trimming the heap.
-                old = items = upload = None  # type: ignore[assignment]
+                self._show_now(job)
+                items = upload = None  # type: ignore[assignment]
                 release_memory()
+
+    async def _job(
+        self,
+        job: Job,
+        items: list[Item] | None,
+        item_ids: list[str] | None,
+        upload: tuple[bytes, str] | None,
+        path: Path | None,
+    ) -> None:
+        """The job's steps, under both writer locks: parse, merge, encode, build, save, swap."""
+        if path is not None:  # server-side file, parsed exactly like an upload
+            fmt = "csv" if path.suffix.lower() == ".csv" else "jsonl"
+            upload = (await asyncio.to_thread(path.read_bytes), fmt)
+        if upload is not None:
+            data, fmt = upload
+            items = await asyncio.to_thread(
+                parse_catalog, data, fmt, "upload", self.parts.settings.max_upload_rows
+            )
+        old = self.parts.live.current
+        assert old is not None
+        new_items = merge(old, job.mode, items, item_ids)
+        if not new_items:
+            raise ValidationFailed("the resulting catalogue would be empty")
+        old_lm = old.lm_vectors
+        reuse = {
+            self.model.lm_text(it.domain, it.title, it.extra_text): old_lm[r]
+            for r, it in enumerate(old.items)
+        }
+        lm = await self.embed_items(new_items, job, reuse)
+        rows = await self.index_rows(new_items, lm)
+        del old, old_lm, reuse  # the old snapshot goes with the swap, not at the job's end
+        index = await asyncio.to_thread(self.build_and_save, new_items, rows, lm)
+        self.parts.live.swap(index)
+        job.index_version = index.version
+        job.state = "succeeded"
+        job.progress = 1.0
+        self.parts.metrics.reindex_jobs.labels("succeeded").inc()
+        log.info(
+            "reindex %s (%s) done: index %s, %d items",
+            job.job_id,
+            job.mode,
+            index.version,
+            len(new_items),
+        )
 
 
 def merge(

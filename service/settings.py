@@ -188,6 +188,19 @@ class Settings(BaseSettings):
         description="uvicorn's line per request (at INFO). Off, the event loop skips that work "
         "on every request; /metrics counts requests by route and status either way.",
     )
+    workers: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = Field(
+        default="auto",
+        description="Service processes on one port (one model, index and event loop each); "
+        "they share the store, the saved index snapshots and Redis. auto = one per CPU core "
+        "on a CPU, one on a GPU (docs/scaling.md).",
+    )
+    index_sync_s: float = Field(
+        default=1.0,
+        ge=0,
+        le=3600,
+        description="How often a process checks the store for an index snapshot another "
+        "process (a worker or a replica) published, and swaps it in; 0 = never.",
+    )
     admin_token: SecretStr | None = Field(
         default=None, description="Bearer token for admin endpoints; unset = admin endpoints off."
     )
@@ -321,6 +334,15 @@ class Settings(BaseSettings):
                 "CPREC_MODEL=<a name not in the store>"
             )
 
+    def worker_count(self) -> int:
+        """``workers`` resolved: ``auto`` is one per usable CPU core, or one when the model
+        runs on a GPU (one device, one process feeding it)."""
+        if self.workers != "auto":
+            return self.workers
+        if self.device.startswith("cuda") or (self.device == "auto" and _cuda_available()):
+            return 1
+        return max(1, len(os.sched_getaffinity(0)))
+
     def redacted(self) -> dict[str, object]:
         """The resolved config for the start-up log; secrets and credentials hidden."""
         data = self.model_dump()
@@ -329,3 +351,9 @@ class Settings(BaseSettings):
             scheme, rest = self.redis_url.split("://", 1)
             data["redis_url"] = f"{scheme}://***@{rest.split('@', 1)[1]}"
         return {k: str(v) if isinstance(v, Path) else v for k, v in data.items()}
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
