@@ -201,3 +201,22 @@ def test_dockerfile_pins_torch_offline_and_non_root() -> None:
     assert cmd and "service" in cmd[-1] and "0.0.0.0" in cmd[-1]
     # Index hosts are passed in (TORCH_INDEX_URL), never hard-coded.
     assert not re.search(r"--(extra-)?index-url\s+https?://", text)
+
+
+@needs_compose
+def test_replicated_form(config: dict[str, Any]) -> None:
+    """The replicated profile: API replicas with no host port of their own behind the proxy,
+    on the same store volume and Redis as the single API (docs/scaling.md)."""
+    rep, lb = config["services"]["api-replica"], config["services"]["lb"]
+    assert "replicated" in rep["profiles"] and "replicated" in lb["profiles"]
+    assert not rep.get("ports")
+    assert (
+        _volume_targets(rep)["/var/lib/cprec"][0]
+        == _volume_targets(config["services"]["api"])["/var/lib/cprec"][0]
+    )
+    env = _environment(rep)
+    assert env["REDIS_URL"].startswith("redis://redis:6379") and "CPREC_WORKERS" in env
+    assert lb["depends_on"]["api-replica"]["condition"] == "service_healthy"
+    conf = (REPO / "deploy" / "nginx.conf").read_text()
+    assert "server api-replica:8000" in conf
+    assert any("nginx.conf" in str(v) for v in lb["volumes"])
