@@ -224,7 +224,7 @@ class Batcher:
         self._inflight = 0
 
     async def start(self) -> None:
-        self._queue = asyncio.Queue(maxsize=self.queue_size)
+        self._queue = asyncio.Queue()
         if self.enabled:
             self._worker = asyncio.create_task(self._run(), name="cprec-batcher")
 
@@ -257,9 +257,7 @@ class Batcher:
     async def _tokenize_items(self, texts: list[str]) -> list[list[int]]:
         return await self.tokenize(texts, "item")
 
-    async def embed(self, text: str, kind: TextKind = "query") -> np.ndarray:
-        """One text -> [D] unit vector, batched with whatever else is waiting: a user text
-        (``query``) or, for the hier and mean scorers, a history title as an item (``item``)."""
+    def _admit(self) -> None:
         if self._queue is None:
             raise RuntimeError("batcher not started")
         if self.depth >= self.queue_size:
@@ -268,6 +266,22 @@ class Batcher:
                 details={"queue_size": self.queue_size},
                 retry_after_s=1,
             )
+
+    async def embed(self, text: str, kind: TextKind = "query") -> np.ndarray:
+        """One text -> [D] unit vector, batched with whatever else is waiting: a user text
+        (``query``) or, for the hier and mean scorers, a history title as an item (``item``)."""
+        self._admit()
+        return await self._embed(text, kind)
+
+    async def embed_many(self, texts: Sequence[str], kind: TextKind = "item") -> list[np.ndarray]:
+        """The texts of one request, admitted together: a history with several titles to encode
+        is refused whole while the queue is full, or queued whole (``queue_size`` bounds the
+        requests waiting, not how many titles each brings: at most the model's history length)."""
+        self._admit()
+        return list(await asyncio.gather(*(self._embed(t, kind) for t in texts)))
+
+    async def _embed(self, text: str, kind: TextKind) -> np.ndarray:
+        assert self._queue is not None
         ids = await (self._queries if kind == "query" else self._items)(text)
         if not self.enabled:
             self._inflight += 1
@@ -277,14 +291,7 @@ class Batcher:
                 self._inflight -= 1
             return out[0]
         fut: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        try:
-            self._queue.put_nowait((ids, fut))
-        except asyncio.QueueFull:
-            raise Overloaded(
-                "encoder queue is full; retry shortly",
-                details={"queue_size": self.queue_size},
-                retry_after_s=1,
-            ) from None
+        self._queue.put_nowait((ids, fut))  # unbounded: admission is _admit's
         self._gauge()
         return await fut
 

@@ -25,7 +25,7 @@ from cprec.hier import zero_shot_query
 from cprec.recommender import HistoryVectors
 from cprec.text import Behaviour, normalise_title
 from service.batcher import TickBatcher
-from service.cache import Hits, RankedLists, UserVectorCache, cache_key
+from service.cache import BoundedLRU, Hits, RankedLists, UserVectorCache, cache_key
 from service.errors import NotReady, PayloadTooLarge, ValidationFailed
 from service.index import ItemIndex, SearchCoalescer
 from service.protocol import IdEntry, RecommendRequest
@@ -83,6 +83,8 @@ class RequestPath:
         self.cache = cache
         self.searches = SearchCoalescer(parts=parts.tuning.search_parallel_calls)
         self.ranked = RankedLists(parts.settings.result_cache_size)
+        # LM vectors of titles that are not catalogue items, by text (the served model's LM).
+        self._titles: BoundedLRU[str, np.ndarray] = BoundedLRU(parts.settings.title_cache_size)
         # The histories of one tick go through the user model together, on the device thread.
         self._hier_users: TickBatcher[HistoryVectors, np.ndarray] = TickBatcher(self._hier_block)
         # Model version (+ scorer) + template hash: a model, scorer or template change makes
@@ -280,12 +282,15 @@ class RequestPath:
         for i, (row, text) in enumerate(zip(hist.rows, hist.texts, strict=True)):
             if row is not None:
                 out[i] = idx.lm_vectors[row]
+            elif (known := self._titles.get(text)) is not None:
+                out[i] = known
             else:
                 todo.setdefault(text, []).append(i)
         if todo:
-            vecs = await asyncio.gather(*(self.batcher.embed(t, "item") for t in todo))
-            for pos, v in zip(todo.values(), vecs, strict=True):
+            vecs = await self.batcher.embed_many(list(todo), "item")
+            for (text, pos), v in zip(todo.items(), vecs, strict=True):
                 out[pos] = v
+                self._titles.put(text, v)
         return out
 
     # -- user vectors -----------------------------------------------------------------------

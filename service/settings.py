@@ -282,6 +282,13 @@ class Settings(BaseSettings):
         "identical request is answered without Redis or a search (emptied by a reindex swap). "
         "0 = off.",
     )
+    title_cache_size: int = Field(
+        default=20000,
+        ge=0,
+        description="LM vectors of history titles that are not catalogue items (hier and "
+        "mean scorers), kept in process by text: a title many users name is encoded once "
+        "per process. 0 = off.",
+    )
     # -- request limits -----------------------------------------------------------------------
     max_k: int = Field(default=200, ge=1, le=10000, description="Items per target domain.")
     max_history: int = Field(default=500, ge=1, description="History entries per request.")

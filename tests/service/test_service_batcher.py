@@ -296,3 +296,30 @@ async def test_a_late_request_joins_the_forwards_still_to_come(max_padding: floa
         assert sample("cprec_batch_requests_sum") == 4 and len(enc.batch_sizes) == 4
     else:
         assert sample("cprec_batch_requests_count") == 2 and enc.batch_sizes == [3, 1]
+
+
+async def test_a_request_s_titles_are_admitted_together() -> None:
+    """``embed_many``: a history's titles queue whole even past queue_size (it bounds waiting
+    requests, not titles per request), and are refused whole while the queue is full."""
+    enc = BlockingEncoder()
+    b = await _batcher(enc, max_batch_size=1, max_wait_ms=0, queue_size=2)
+    try:
+        first = asyncio.create_task(b.embed_many(TEXTS[:3], "query"))
+        await asyncio.to_thread(enc.entered.wait, 5)
+        for _ in range(100):
+            if b.depth >= 3:
+                break
+            await asyncio.sleep(0.01)
+        assert b.depth == 3  # all three queued, past queue_size
+        calls = enc.calls
+        with pytest.raises(Overloaded):
+            await b.embed_many(TEXTS[3:5], "query")
+        assert enc.calls == calls and b.depth == 3  # the refused request queued nothing
+        enc.release.set()
+        out = await first
+        np.testing.assert_allclose(
+            np.stack(out), FakeEncoder().encode(TEXTS[:3], "query"), atol=1e-6
+        )
+    finally:
+        enc.release.set()
+        await b.stop()

@@ -205,6 +205,24 @@ async def test_hier_history_by_id_runs_no_lm_forward(
             "/recommend", json={"history": [{"title": "brand new title", "domain": "Books"}]}
         )
         assert r.status_code == 200 and len(calls) == before + 1
+        # Another user naming the same title: its LM vector comes from the title cache, and
+        # the user vector is the same as if it had been encoded again.
+        first = r.json()
+        r = await client.post(
+            "/recommend",
+            json={"history": [{"title": "brand new title", "domain": "Books"}], "k": 7},
+        )
+        assert r.status_code == 200 and len(calls) == before + 1
+        assert [x["item_id"] for x in r.json()["results"]["Books"][:3]] == [
+            x["item_id"] for x in first["results"]["Books"][:3]
+        ]
+    async with served(store_dir=store, title_cache_size=0) as (client, engine):
+        before = len(calls)
+        for _ in range(2):
+            body = {"history": [{"title": "brand new title", "domain": "Books"}], "k": 3}
+            r = await client.post("/recommend", json={**body, "k": 3 + _})
+            assert r.status_code == 200
+        assert len(calls) == before + 1  # the second is a user-vector cache hit, no forward
 
 
 async def test_hier_unseen_items_get_the_text_vector_and_reindex_encodes_only_new_items(
