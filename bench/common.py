@@ -236,9 +236,15 @@ def target(
 
 # -- encoders ---------------------------------------------------------------------------------
 def make_encoder(
-    base: str = "minilm-l6", dtype: str = "auto", quantize: str = "none", max_length: int = 256
+    base: str = "minilm-l6",
+    dtype: str = "auto",
+    quantize: str = "none",
+    max_length: int = 256,
+    device: str | None = None,
 ):  # type: ignore[no-untyped-def]
-    """An HFEncoder exactly as the service builds it for a bundled base."""
+    """An HFEncoder exactly as the service builds it for a bundled base. ``device`` None: the
+    service's choice for ``dtype="auto"``, the CPU for a named dtype (the CPU variants of
+    bench/encoder.py); the GPU check names ``cuda`` with ``bfloat16``."""
     from cprec.encoder import HFEncoder
 
     store = Path(os.environ.get("CPREC_STORE_DIR", REPO / "var" / "store"))
@@ -249,7 +255,7 @@ def make_encoder(
         base,
         store,
         max_length=max_length,
-        device="cpu" if dtype != "auto" else "auto",
+        device=device or ("cpu" if dtype != "auto" else "auto"),
         dtype=dtype,
         name=base,
         **kwargs,

@@ -46,6 +46,7 @@ from bench.common import (
     history_texts,
     item_texts,
     load_fk,
+    make_encoder,
     print_table,
     redis_server,
     run_service,
@@ -272,18 +273,9 @@ def bench_data(smoke: bool, n_cases: int) -> tuple[FKData, str]:
 
 # -- encoder ---------------------------------------------------------------------------------
 def part_encoder(plan: Plan, model: str, smoke: bool, sampler: GpuSampler) -> dict[str, Any]:
-    """seq/s and tok/s of ``HFEncoder.core`` in bf16 per text kind and batch size.
-
-    ``bench.common.make_encoder`` pins the CPU whenever a dtype is named, so the encoder is built
-    here the same way with the device given."""
-    from cprec.encoder import HFEncoder
-
+    """seq/s and tok/s of ``HFEncoder.core`` in bf16 per text kind and batch size."""
     device = "cuda" if cuda_available() else "cpu"
-    store = Path(os.environ.get("CPREC_STORE_DIR", REPO / "var" / "store"))
-    enc = HFEncoder.from_base(
-        model, store, max_length=256, device=device, dtype="bfloat16", name=model
-    )
-    enc.warmup()
+    enc = make_encoder(model, dtype="bfloat16", max_length=256, device=device)
     fk, source = bench_data(smoke, plan.texts)
     texts = {
         "title": item_texts(subset(fk.items, plan.texts, seed=1)),
@@ -399,49 +391,6 @@ def part_faiss(plan: Plan, sampler: GpuSampler, k: int = 10) -> dict[str, Any]:
 
 
 # -- hier training ---------------------------------------------------------------------------
-class _TorchOn:
-    """``torch`` as ``training.hier`` sees it while its Trainer runs on ``device``: batch tensors
-    made there and its CPU autocast turned into the device's. The recipe builds its batches on
-    the CPU; this times the same loss code on the GPU without a copy of it."""
-
-    def __init__(self, device: Any) -> None:
-        import torch
-
-        self._torch = torch
-        self._type = device.type
-        self._device = device
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._torch, name)
-
-    def from_numpy(self, a: np.ndarray) -> Any:
-        return self._torch.from_numpy(a).to(self._device, non_blocking=True)
-
-    def autocast(self, device_type: str, **kw: Any) -> Any:
-        return self._torch.autocast(self._type, **kw)
-
-    def is_autocast_enabled(self, device_type: str | None = None) -> bool:
-        return bool(self._torch.is_autocast_enabled(self._type))
-
-
-@contextlib.contextmanager
-def trainer_on(trainer: Any, device: Any) -> Iterator[None]:
-    """Move a ``training.hier.Trainer`` (model and tables) to ``device`` for the block."""
-    from unittest import mock
-
-    import training.hier
-
-    if device.type == "cpu":
-        yield
-        return
-    trainer.model.to(device)
-    for name in ("text", "text_lp", "rows", "item_dom", "dom_map"):
-        setattr(trainer, name, getattr(trainer, name).to(device))
-    trainer._slices = {}  # domain columns are cached as tensors: rebuild them on the device
-    with mock.patch.object(training.hier, "torch", _TorchOn(device)):
-        yield
-
-
 def part_train(plan: Plan, smoke: bool, sampler: GpuSampler) -> dict[str, Any]:
     """Targets/s of the hier recipe's training step (loss, backward, Adam) on the CPU as the
     recipe runs it, and on the GPU in fp32 and bf16; stage 2's batches of the target dataset.
@@ -469,31 +418,31 @@ def part_train(plan: Plan, smoke: bool, sampler: GpuSampler) -> dict[str, Any]:
     tgt = corpus.target_source
     inp, tg = hier.windows(tgt.mixed, cfg.model.max_len)  # [W, max_len] each
 
-    def measure(device: torch.device, bf16: bool, batch_targets: int) -> dict[str, Any]:
+    def measure(device: str, bf16: bool, batch_targets: int) -> dict[str, Any]:
         torch.manual_seed(cfg.seed)
         model = hier.new_model(cfg, corpus, text)
-        trainer = hier.Trainer(model, corpus, text, cfg.model.softmax, bf16=bf16)
+        # the recipe's own option (HierTrainConfig.device): model, tables and batches on device
+        trainer = hier.Trainer(model, corpus, text, cfg.model.softmax, bf16=bf16, device=device)
         batches = hier.make_batches(inp, tg, 0, batch_targets, np.random.default_rng(cfg.seed))
-        with trainer_on(trainer, device):
-            opt = torch.optim.Adam(model.parameters(), lr=cfg.finetune.lr, fused=True)
-            update = Update(model, opt, make_scheduler(opt, "constant", 1, warmup_frac=0.0))
-            objective = hier.Plan(trainer, batches, [])
-            model.train()
-            for i in range(plan.train_warm_steps):
-                update(objective, batches[i % len(batches)])
-            sync()
-            steps = targets = 0
-            t0 = time.perf_counter()
-            while True:
-                _, n = update(objective, batches[(plan.train_warm_steps + steps) % len(batches)])
-                steps, targets = steps + 1, targets + n
-                if steps % 5 == 0:
-                    sync()
-                    el = time.perf_counter() - t0
-                    if el >= plan.min_s * 4:
-                        break
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.finetune.lr, fused=True)
+        update = Update(model, opt, make_scheduler(opt, "constant", 1, warmup_frac=0.0))
+        objective = hier.Plan(trainer, batches, [])
+        model.train()
+        for i in range(plan.train_warm_steps):
+            update(objective, batches[i % len(batches)])
+        sync()
+        steps = targets = 0
+        t0 = time.perf_counter()
+        while True:
+            _, n = update(objective, batches[(plan.train_warm_steps + steps) % len(batches)])
+            steps, targets = steps + 1, targets + n
+            if steps % 5 == 0:
+                sync()
+                el = time.perf_counter() - t0
+                if el >= plan.min_s * 4:
+                    break
         return {
-            "device": device.type,
+            "device": trainer.device.type,
             "bf16": bf16,
             "batch_targets": batch_targets,
             "steps": steps,
@@ -503,13 +452,12 @@ def part_train(plan: Plan, smoke: bool, sampler: GpuSampler) -> dict[str, Any]:
         }
 
     t_start = time.perf_counter()
-    rows = [measure(torch.device("cpu"), hier.resolve_bf16(cfg.bf16), cfg.batch_targets)]
+    rows = [measure("cpu", hier.resolve_bf16(cfg.bf16), cfg.batch_targets)]
     gpu_skipped = None
     if cuda_available():
-        cuda = torch.device("cuda")
         for bf16, bt in ((False, cfg.batch_targets), (True, cfg.batch_targets)):
-            rows.append(measure(cuda, bf16, bt))
-        rows.append(measure(cuda, True, 8 * cfg.batch_targets))  # a GPU wants larger steps
+            rows.append(measure("cuda", bf16, bt))
+        rows.append(measure("cuda", True, 8 * cfg.batch_targets))  # a GPU wants larger steps
     else:
         gpu_skipped = no_cuda_reason()
     print_table(f"hier training steps ({cfg.name})", rows, [c for c in rows[0] if c != "gpu"])

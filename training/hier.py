@@ -115,7 +115,15 @@ class HierTrainConfig(StrictModel):
     )
     valid_cases: int | None = Field(default=None, description="Valid cases for early stopping.")
     bf16: Literal["auto"] | bool = Field(
-        default="auto", description="bf16 autocast of training steps (auto: CPUs with native bf16)."
+        default="auto",
+        description="bf16 autocast of training steps (auto: CPUs with native bf16, CUDA GPUs "
+        "that support it).",
+    )
+    device: str = Field(
+        default="cpu",
+        pattern=r"^(cpu|cuda(:\d+)?)$",
+        description="cpu | cuda | cuda:N: where the model, the item tables and every batch "
+        "live; the recipe's measured path is CPU.",
     )
     progress: bool = True
 
@@ -318,30 +326,41 @@ def make_batches(
 
 
 class Trainer:
-    """Shared pieces of both stages: the item table, the masked softmax, the step."""
+    """Shared pieces of both stages: the item table, the masked softmax, the step.
+
+    ``device``: the model (moved there), the tables and every batch tensor live on it, so a step
+    makes no host-device copy but its batch's ids; on the CPU ``.to`` is a no-op."""
 
     def __init__(
-        self, model: HierRec, corpus: Corpus, text: torch.Tensor, softmax: str, bf16: bool = False
+        self,
+        model: HierRec,
+        corpus: Corpus,
+        text: torch.Tensor,
+        softmax: str,
+        bf16: bool = False,
+        device: str | torch.device = "cpu",
     ):
-        self.model = model
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
         self.corpus = corpus
-        self.text = text  # [N, text_dim]
+        self.text = text.to(self.device)  # [N, text_dim]
         self.softmax = softmax
         n = len(corpus.items)
         rows = torch.zeros(n, dtype=torch.long)
         for i, k in enumerate(corpus.keys):
             rows[i] = model.residual_row.get(k, 0)
-        self.rows = rows
-        self.item_dom = torch.from_numpy(corpus.item_domain)  # [N] index into corpus.domains
+        self.rows = rows.to(self.device)  # [N]
+        # [N] index into corpus.domains
+        self.item_dom = torch.from_numpy(corpus.item_domain).to(self.device)
         # corpus domain index -> the model's domain embedding index
-        self.dom_map = model.domain_ids(corpus.domains)
+        self.dom_map = model.domain_ids(corpus.domains).to(self.device)
         self.bf16 = bf16
         # autocast would cast the whole text matrix to bf16 on every step
-        self.text_lp = text.to(torch.bfloat16) if bf16 else text
+        self.text_lp = self.text.to(torch.bfloat16) if bf16 else self.text
         self._slices: dict[int, list[tuple[int, torch.Tensor | slice]]] = {}
 
     def table(self, lo: int, hi: int, use_residual: bool = True) -> torch.Tensor:
-        text = self.text_lp if torch.is_autocast_enabled("cpu") else self.text
+        text = self.text_lp if torch.is_autocast_enabled(self.device.type) else self.text
         return self.model.item_vectors(text[lo:hi], self.rows[lo:hi], use_residual)
 
     def _domain_slices(self, si: int) -> list[tuple[int, torch.Tensor | slice]]:
@@ -363,10 +382,10 @@ class Trainer:
         source's whole catalogue). Computed per domain on that domain's columns only, which is
         far cheaper than masking a [targets, all items] matrix (decisions/002-hier-recipe.md)."""
         src = self.corpus.sources[b.source]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             table = self.table(src.lo, src.hi)  # [n_src, dim]
-            inp = torch.from_numpy(b.inputs)
-            tgt = torch.from_numpy(b.targets)
+            inp = self.to_device(b.inputs)  # [B, T]
+            tgt = self.to_device(b.targets)  # [B, T]
             pad = inp < 0
             local = (inp - src.lo).clamp(min=0)
             x = table[local] * (~pad).unsqueeze(-1).to(table.dtype)  # [B, T, dim]
@@ -394,6 +413,10 @@ class Trainer:
         n = int(mask.sum())
         return total / max(n, 1), n
 
+    def to_device(self, a: np.ndarray) -> torch.Tensor:
+        """A batch array as a tensor on the trainer's device (the CPU: shares ``a``'s memory)."""
+        return torch.from_numpy(a).to(self.device, non_blocking=True)
+
     @torch.inference_mode()
     def user_vectors(self, histories: Sequence[Sequence[int]], batch: int = 1024) -> np.ndarray:
         """User vectors of histories (global ids; the last max_len items) through
@@ -407,10 +430,11 @@ class Trainer:
             ids = torch.zeros((len(chunk), int(lens.max())), dtype=torch.long)
             for r, h in enumerate(chunk):
                 ids[r, : len(h)] = torch.tensor(h)
+            ids, lens = ids.to(self.device), lens.to(self.device)  # [B, T], [B]
             u = self.model.encode_histories(
                 self.text[ids], self.rows[ids], self.dom_map[self.item_dom[ids]], lens
             )
-            out.append(u.float().numpy())
+            out.append(u.float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.model.cfg.dim), np.float32)
 
     @torch.inference_mode()
@@ -419,7 +443,7 @@ class Trainer:
         src = self.corpus.target_source
         u = self.user_vectors([c.history for c in cases])
         items = self.corpus.target.items
-        iv = self.table(src.lo, src.hi, use_residual).float().numpy()
+        iv = self.table(src.lo, src.hi, use_residual).float().cpu().numpy()  # [n_tgt, dim]
         return rank_topk(u, iv, cases, items)
 
     def valid_ndcg(self, cases: Sequence[Case]) -> float:
@@ -473,8 +497,8 @@ def new_model(cfg: HierTrainConfig, corpus: Corpus, text: torch.Tensor) -> HierR
         **shared,
     )
     model = HierRec(hc, ids)
-    model.init_adapter_pca(text)
-    return model
+    model.init_adapter_pca(text)  # on the CPU whatever the device: the same start everywhere
+    return model.to(cfg.device)
 
 
 def pretrain_plan(
@@ -519,7 +543,8 @@ def train_hier(
         torch.set_num_threads(cfg.threads)
     tt = torch.from_numpy(np.ascontiguousarray(text, dtype=np.float32))
     model = new_model(cfg, corpus, tt)
-    trainer = Trainer(model, corpus, tt, cfg.model.softmax, bf16=resolve_bf16(cfg.bf16))
+    bf16 = resolve_bf16(cfg.bf16, cfg.device)
+    trainer = Trainer(model, corpus, tt, cfg.model.softmax, bf16=bf16, device=cfg.device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.pretrain.lr, fused=True)
     t_start = time.perf_counter()
     deadline = t_start + cfg.budget_minutes * 60 if cfg.budget_minutes else None
@@ -629,8 +654,12 @@ def cold_cases(corpus: Corpus, cases: Sequence[Case]) -> list[int]:
     return [k for k, c in enumerate(cases) if c.target not in seen]
 
 
-def resolve_bf16(pref: str | bool) -> bool:
+def resolve_bf16(pref: str | bool, device: str | torch.device = "cpu") -> bool:
+    """``auto``: bf16 where ``device`` computes it natively (the host CPU's bf16 says nothing of a
+    GPU's)."""
     if pref == "auto":
+        if torch.device(device).type == "cuda":
+            return torch.cuda.is_bf16_supported()
         from cprec.lm import cpu_has_fast_bf16
 
         return cpu_has_fast_bf16()

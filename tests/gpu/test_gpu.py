@@ -1,5 +1,6 @@
 """On a CUDA device: the index moved to the GPU answers as the CPU one, the encoder in bf16 on CUDA
-agrees with fp32 on the CPU, and the service starts with ``CPREC_DEVICE=cuda``.
+agrees with fp32 on the CPU, the service starts with ``CPREC_DEVICE=cuda``, and ``hier`` training
+steps on CUDA track the CPU's.
 
 Skipped without CUDA (tests/gpu/conftest.py); ``bench/gpu_check.sh`` runs them on a GPU machine.
 """
@@ -95,3 +96,57 @@ def test_service_starts_on_cuda(catalog_path: Path) -> None:
         assert rec.json()["results"], rec.text
         log = svc.log_path.read_text(errors="replace")
         assert " on cuda" in log, log[-2000:]
+
+
+def hier_steps(device: str, bf16: bool, steps: int = 5) -> tuple[list[float], list[list[int]]]:
+    """Losses of ``steps`` Adam steps of the hier ``Trainer`` on ``device`` (toy data over the
+    demo catalogue, random text vectors, dropout off so devices differ only in float order) and
+    its ranking of 20 test cases."""
+    import torch
+
+    from training.hier import (
+        HierTrainConfig,
+        Trainer,
+        build_corpus,
+        make_batches,
+        new_model,
+        windows,
+    )
+
+    model = {"dim": 32, "ffn": 64, "dropout": 0.0, "attn_dropout": 0.0, "max_len": 20}
+    cfg = HierTrainConfig.model_validate(
+        {"target": "toy", "model": model, "pretrain": {"enabled": False}, "progress": False}
+    )
+    corpus = build_corpus(cfg)
+    text = torch.from_numpy(unit(np.random.default_rng(0).standard_normal((len(corpus.items), 32))))
+    inp, tgt = windows(corpus.target_source.mixed, cfg.model.max_len)
+    batches = make_batches(inp, tgt, 0, 128, np.random.default_rng(0))[:steps]
+    torch.manual_seed(0)
+    tr = Trainer(new_model(cfg, corpus, text), corpus, text, "domain", bf16=bf16, device=device)
+    assert tr.text.device.type == next(tr.model.parameters()).device.type == tr.device.type
+    opt = torch.optim.Adam(tr.model.parameters(), lr=1e-3)
+    losses = []
+    for b in batches:
+        loss, _ = tr.loss(b)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    return losses, tr.rank(corpus.target.test[:20])
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_hier_training_on_cuda_tracks_the_cpu(bf16: bool) -> None:
+    """``Trainer(device="cuda")`` (``HierTrainConfig.device``): every loss finite and within 1% of
+    the CPU's fp32 run (bf16: 5%), and ranking returns host lists like the CPU's (fp32: the same
+    top-10 up to near-ties)."""
+    cpu, cpu_top = hier_steps("cpu", bf16=False)
+    gpu, gpu_top = hier_steps("cuda", bf16=bf16)
+    assert np.isfinite(gpu).all(), gpu
+    np.testing.assert_allclose(gpu, cpu, rtol=5e-2 if bf16 else 1e-2)
+    assert [len(r) for r in gpu_top] == [len(r) for r in cpu_top]
+    if not bf16:
+        overlap = np.mean(
+            [len(set(a[:10]) & set(b[:10])) / 10 for a, b in zip(gpu_top, cpu_top, strict=True)]
+        )
+        assert overlap >= 0.9, overlap

@@ -216,3 +216,42 @@ def test_zero_shot_prefers_recent_target_domain_items_and_popularity() -> None:
     assert rows[:, -1].tolist() == pytest.approx(
         [0.0, *(ZS_POP_WEIGHT * np.log1p([1.0, 10.0])), 0.0]
     )
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_explicit_cpu_device_gives_the_default_losses_bit_for_bit(bf16: bool) -> None:
+    """``device="cpu"`` is the recipe's path unchanged: the same losses, dropout and Adam steps
+    included, as a Trainer built without a device."""
+    c = corpus(40)
+    inp, tgt = windows(c.sources[0].mixed, 8)
+    batches = make_batches(inp, tgt, 0, 64, np.random.default_rng(0))[:3]
+
+    def losses(**kw: str) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        cfg = HierConfig(text_dim=TEXT_DIM, dim=16, ffn=32, max_len=8, domains=c.domains)
+        tr = Trainer(HierRec(cfg), c, torch.from_numpy(text_for(c)), "domain", bf16=bf16, **kw)
+        assert tr.device == torch.device("cpu") and tr.text.device.type == "cpu"
+        opt = torch.optim.Adam(tr.model.parameters(), lr=1e-2)
+        out = []
+        for b in batches:
+            loss, _ = tr.loss(b)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            out.append(loss.detach())
+        return out
+
+    default, explicit = losses(), losses(device="cpu")
+    assert len(default) == 3
+    for a, b in zip(default, explicit, strict=True):
+        assert torch.equal(a, b), (a, b)
+
+
+def test_device_setting_is_checked() -> None:
+    """A typo in ``device`` fails at config load, not after the corpus and LM vectors are built."""
+    from pydantic import ValidationError
+
+    assert small_cfg().device == "cpu"
+    assert small_cfg(device="cuda:1").device == "cuda:1"
+    with pytest.raises(ValidationError):
+        small_cfg(device="gpu")
