@@ -59,6 +59,11 @@ class TickBatcher(Generic[T, R]):
     cut into up to ``parts`` blocks of at least ``min_part`` items, run concurrently. A block
     whose call raises fails its own waiters with that exception; cancelling a block's task
     (shutdown) cancels its waiters, so none is left hanging.
+
+    ``serial``: one block in flight at a time; what arrives meanwhile waits and goes as the next
+    block the moment it finishes. For a ``run`` whose cost is mostly per call (a small model's
+    forward on the one device thread), the block then grows with the load instead of the
+    device thread queueing a forward per tick, and an idle service still waits for nothing.
     """
 
     def __init__(
@@ -66,17 +71,19 @@ class TickBatcher(Generic[T, R]):
         run: Callable[[list[T]], Awaitable[Sequence[R]]],
         parts: int = 1,
         min_part: int = 8,
+        serial: bool = False,
     ) -> None:
         self._run_block = run
         self.parts = max(1, parts)
         self.min_part = max(1, min_part)
+        self.serial = serial
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def __call__(self, item: T) -> R:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[R] = loop.create_future()
-        if not self._pending:
+        if not self._pending and not (self.serial and self._tasks):
             loop.call_soon(self.flush)
         self._pending.append((item, fut))
         return await fut
@@ -86,6 +93,8 @@ class TickBatcher(Generic[T, R]):
 
     def flush(self) -> None:
         """Start the blocks for everything queued so far (normally run by ``call_soon``)."""
+        if self.serial and self._tasks:
+            return  # the block in flight flushes when it is done
         batch, self._pending = self._pending, []
         if not batch:
             return
@@ -93,7 +102,12 @@ class TickBatcher(Generic[T, R]):
         for part in self.split(len(batch)):
             task = loop.create_task(self._answer(batch[part]))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if self.serial and self._pending and not self._tasks:
+            self.flush()
 
     async def drain(self, timeout_s: float | None = None) -> None:
         """Send what is queued and wait (up to ``timeout_s``) for the blocks in flight."""

@@ -85,8 +85,11 @@ class RequestPath:
         self.ranked = RankedLists(parts.settings.result_cache_size)
         # LM vectors of titles that are not catalogue items, by text (the served model's LM).
         self._titles: BoundedLRU[str, np.ndarray] = BoundedLRU(parts.settings.title_cache_size)
-        # The histories of one tick go through the user model together, on the device thread.
-        self._hier_users: TickBatcher[HistoryVectors, np.ndarray] = TickBatcher(self._hier_block)
+        # Histories go through the user model together, one forward at a time on the device
+        # thread: those that arrive during a forward are the next one's batch.
+        self._hier_users: TickBatcher[HistoryVectors, np.ndarray] = TickBatcher(
+            self._hier_block, serial=True
+        )
         # Model version (+ scorer) + template hash: a model, scorer or template change makes
         # every old cache entry unreachable without a flush. text keeps the keys it always had.
         m = parts.model

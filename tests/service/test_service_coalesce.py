@@ -63,3 +63,38 @@ async def test_drain_sends_the_queued_tick_and_waits() -> None:
     await asyncio.sleep(0)  # queued, flush not yet run
     await tb.drain(timeout_s=5)
     assert seen == [["a"]] and waiter.done()
+
+
+async def test_serial_batcher_sends_what_arrived_during_a_block_as_the_next() -> None:
+    """``serial``: one block in flight; calls made while it runs (over several ticks) wait and
+    go together as the next block, at once when it ends; a failing block fails only its own."""
+    calls: list[list[int]] = []
+    running, peak = [0], [0]
+
+    async def run(items: list[int]) -> list[int]:
+        calls.append(items)
+        running[0] += 1
+        peak[0] = max(peak[0], running[0])
+        await asyncio.sleep(0.02)
+        running[0] -= 1
+        if -1 in items:
+            raise ValueError("bad block")
+        return [i * 10 for i in items]
+
+    tb: TickBatcher[int, int] = TickBatcher(run, serial=True)
+    first = asyncio.ensure_future(tb(1))
+    await asyncio.sleep(0.005)  # the first block is running
+    later = []
+    for i in (2, 3, 4):
+        later.append(asyncio.ensure_future(tb(i)))
+        await asyncio.sleep(0)  # separate ticks
+    assert await first == 10
+    assert await asyncio.gather(*later) == [20, 30, 40]
+    assert calls == [[1], [2, 3, 4]] and peak[0] == 1
+    # A failure answers its block's waiters and the batcher carries on.
+    bad = asyncio.ensure_future(tb(-1))
+    await asyncio.sleep(0.005)
+    ok = asyncio.ensure_future(tb(5))
+    assert isinstance((await asyncio.gather(bad, return_exceptions=True))[0], ValueError)
+    assert await ok == 50 and calls[-1] == [5]
+    assert await tb(6) == 60  # idle again: a lone call goes in the next tick
