@@ -18,7 +18,7 @@ from typing import Any
 
 from bench.common import DOCS, PY, REPO, device_info, results_dir, write_section
 
-BENCHES = ["encoder", "serve", "reindex", "search"]
+BENCHES = ["encoder", "serve", "serve_hier", "request_cpu", "reindex", "search"]
 MODES = ("quick", "full")
 
 
@@ -230,6 +230,29 @@ TABLES: list[tuple[str, str, str, str, list[str]]] = [
             "model", "concurrency", "requests", "failed", "rps", "ms_per_request",
             "outside_forward_ms", "p50_ms", "p99_ms", "device_busy", "mean_batch",
         ],
+    ),
+    (
+        "serve_hier",
+        "rows",
+        "Serving the hier model",
+        "Cache-miss traffic at concurrency 32, interleaved rounds (each service and traffic in "
+        "turn, each round with histories never sent before). flat = the base MiniLM over the "
+        "history text; hier = a random-weight model of the CPU recipe's shape from the store "
+        "(the work per request does not depend on the weights); hier-2w = the same with "
+        "CPREC_WORKERS=2. id = FK-LOO histories as item ids; catalog-titles = as the catalogue "
+        "items' titles; titles = a third of the items named by a title the catalogue lacks "
+        "(encoded by the LM unless the process met it before); infinity = infinity-emb "
+        "embedding the history text (POST /embeddings).",
+        ["service", "history", "requests", "failed", "rps", "p50_ms", "p95_ms", "p99_ms"],
+    ),
+    (
+        "request_cpu",
+        "rows",
+        "Service CPU per request",
+        "CPU seconds of the service process per cache-miss request at concurrency 32, the "
+        "commit before this work (base) against this tree, in alternating rounds; flat with a "
+        "near-free encoder (what a request costs besides the LM) and hier with id histories.",
+        ["workload", "base_ms", "new_ms", "ratio", "ratio_range", "base_rps", "new_rps"],
     ),
     (
         "reindex",

@@ -203,7 +203,10 @@ class Engine:
             token_budget=t.batch_token_budget,
             queue_size=t.queue_size,
             enabled=s.batching,
-            max_padding=t.batch_max_padding,
+            # The hier and mean scorers encode history titles only: short rows, where a
+            # batch split into forwards costs more per forward than the padding it saves
+            # (docs/decisions/006-serving-hier.md); the split is for history texts.
+            max_padding=t.batch_max_padding if model.scorer == "text" else None,
             max_forward_tokens=t.batch_max_forward_tokens,
             device=device,
         )
