@@ -242,8 +242,13 @@ TABLES: list[tuple[str, str, str, str, list[str]]] = [
         "CPREC_WORKERS=2. id = FK-LOO histories as item ids; catalog-titles = as the catalogue "
         "items' titles; titles = a third of the items named by a title the catalogue lacks "
         "(encoded by the LM unless the process met it before); infinity = infinity-emb "
-        "embedding the history text (POST /embeddings).",
-        ["service", "history", "requests", "failed", "rps", "p50_ms", "p95_ms", "p99_ms"],
+        "embedding the history text (POST /embeddings). machine_busy = share of both cores busy "
+        "during the rounds (service, load generator, Redis); rss_mib = the service's resident "
+        "memory after start (all its processes).",
+        [
+            "service", "history", "requests", "failed", "rps", "p50_ms", "p95_ms", "p99_ms",
+            "machine_busy", "rss_mib",
+        ],
     ),
     (
         "request_cpu",
@@ -252,7 +257,10 @@ TABLES: list[tuple[str, str, str, str, list[str]]] = [
         "CPU seconds of the service process per cache-miss request at concurrency 32, the "
         "commit before this work (base) against this tree, in alternating rounds; flat with a "
         "near-free encoder (what a request costs besides the LM) and hier with id histories.",
-        ["workload", "base_ms", "new_ms", "ratio", "ratio_range", "base_rps", "new_rps"],
+        [
+            "workload", "base_ms", "new_ms", "ratio", "ratio_range", "base_loop_ms", "new_loop_ms",
+            "base_rps", "new_rps",
+        ],
     ),
     (
         "reindex",

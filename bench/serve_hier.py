@@ -129,20 +129,23 @@ async def run(full: bool, infinity: bool = True) -> dict[str, Any]:
     plan: dict[str, Any] = {
         "concurrency": 32,
         "rounds": 5 if full else 3,
-        "requests": {"flat": 96 if full else 48, "hier": 768 if full else 256, "infinity": 48},
+        "requests": {"flat": 96 if full else 48, "hier": 1024 if full else 384, "infinity": 48},
         "max_s": 60,
         "extra_items": None if full else 2000,
     }
     fk = load_fk()
     rounds, conc = plan["rounds"], plan["concurrency"]
     n_flat, n_hier, n_inf = (plan["requests"][k] for k in ("flat", "hier", "infinity"))
-    # Enough distinct histories for every round of every condition, plus the warm-ups.
-    need = 160 + rounds * (n_flat + n_inf + 5 * n_hier)
+    # Every request a history its service has not seen: each service draws from its own pass
+    # over the cases (services keep their caches apart: own processes, own Redis prefix), so
+    # the cases must cover the busiest service's three hier traffics, plus the warm-ups.
+    need = 3 * (16 + rounds * n_hier)
     cases = subset(fk.cases, need, seed=21)
     items = catalog_items(fk, cases, plan["extra_items"])
-    pool = iter(range(len(cases)))
+    pools: dict[str, Any] = {}
 
-    def fresh(n: int, make: Any) -> list[dict[str, Any]]:
+    def fresh(service: str, n: int, make: Any) -> list[dict[str, Any]]:
+        pool = pools.setdefault(service, iter(range(len(cases))))
         return [make(next(pool)) for _ in range(n)]
 
     def ids(i: int) -> dict[str, Any]:
@@ -173,40 +176,54 @@ async def run(full: bool, infinity: bool = True) -> dict[str, Any]:
         version = publish_bench_hier(hier_store, items)
         common = {"CPREC_TUNING__MAX_BATCH_SIZE": "32"}
         flat = {**common, "CPREC_BASE_MODEL": "minilm-l6"}
-        urls = {
-            "flat": stack.enter_context(run_service(catalog, redis_url, flat)).url,
+        procs = {
+            "flat": stack.enter_context(run_service(catalog, redis_url, flat)),
             # the first hier service builds the snapshot, the second loads it
             "hier": stack.enter_context(
                 run_service(
                     catalog, redis_url, common, store_dir=hier_store, startup_timeout_s=1800
                 )
-            ).url,
+            ),
             "hier-2w": stack.enter_context(
                 run_service(catalog, redis_url, common, store_dir=hier_store, workers=2)
-            ).url,
+            ),
         }
+        urls = {name: svc.url for name, svc in procs.items()}
+        rss = {name: tree_rss_mib(svc.proc.pid) for name, svc in procs.items()}
         if infinity:
             try:
-                urls["infinity"], inf_make, inf_note = start_infinity(stack, fk, cases, pool)
+                urls["infinity"], inf_make, inf_note = start_infinity(stack, fk, cases)
                 conditions[("infinity", "history-text")] = ("infinity", inf_make, n_inf)
             except Exception as exc:  # noqa: BLE001 - a missing baseline is reported, not fatal
                 inf_note = f"infinity-emb not run: {type(exc).__name__}: {str(exc)[:300]}"
                 print(inf_note)
         res: dict[tuple[str, str], list[LoadResult]] = {k: [] for k in conditions}
+        busy: dict[tuple[str, str], list[float]] = {k: [] for k in conditions}
         for name, make, _ in conditions.values():  # warm-up, not counted
             path = "/embeddings" if name == "infinity" else "/recommend"
-            await drive(urls[name], fresh(16, make), 16, 16, 60, path=path)
+            await drive(urls[name], fresh(name, 16, make), 16, 16, 60, path=path)
         for _ in range(rounds):
             for key, (name, make, n) in conditions.items():
                 path = "/embeddings" if name == "infinity" else "/recommend"
-                r = await drive(urls[name], fresh(n, make), conc, n, plan["max_s"], path=path)
+                bodies = fresh(name, n, make)
+                c0 = machine_cpu()
+                r = await drive(urls[name], bodies, conc, n, plan["max_s"], path=path)
+                c1 = machine_cpu()
                 res[key].append(r)
+                busy[key].append((c1[0] - c0[0]) / max(c1[1] - c0[1], 1e-9))
     rows = [
-        {"service": name, "history": hist, "concurrency": conc, **merge(rs)}
+        {
+            "service": name,
+            "history": hist,
+            "concurrency": conc,
+            **merge(rs),
+            "machine_busy": round(float(np.median(busy[(name, hist)])), 3),
+            "rss_mib": rss.get(name),
+        }
         for (name, hist), rs in res.items()
     ]
     cols = ["service", "history", "concurrency", "requests", "failed", "rps", "p50_ms", "p95_ms",
-            "p99_ms", "cached_share"]  # fmt: skip
+            "p99_ms", "cached_share", "machine_busy", "rss_mib"]  # fmt: skip
     print_table(f"cache-miss POST /recommend, {len(items)} catalogue items", rows, cols)
 
     def per_round(a: tuple[str, str], b: tuple[str, str]) -> list[float]:
@@ -228,7 +245,9 @@ async def run(full: bool, infinity: bool = True) -> dict[str, Any]:
         "workers2_vs_1_c32": (
             per_round(("hier-2w", "id"), ("hier", "id")),
             1.6,
-            "id histories, CPREC_WORKERS=2 vs 1",
+            "id histories, CPREC_WORKERS=2 vs 1; the machine's two cores were "
+            f"{row('hier', 'id')['machine_busy']:.0%} busy with one worker (service, load "
+            f"generator and Redis together), {row('hier-2w', 'id')['machine_busy']:.0%} with two",
         ),
     }
     if ("infinity", "history-text") in res:
@@ -277,8 +296,30 @@ async def run(full: bool, infinity: bool = True) -> dict[str, Any]:
     return out
 
 
+def tree_rss_mib(pid: int) -> float:
+    """Resident memory of ``pid`` and its children (a supervisor and its workers), in MiB."""
+    import subprocess
+
+    kids = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    total = 0
+    for p in [pid, *(int(x) for x in kids.split())]:
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return round(total / 1024, 1)
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU time of the whole machine so far (``/proc/stat``), in clock ticks:
+    over a round, the share of both cores that the service, the load generator, Redis and
+    anything else kept busy."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return float(sum(fields) - idle), float(sum(fields))
+
+
 def start_infinity(
-    stack: contextlib.ExitStack, fk: FKData, cases: list[dict[str, Any]], pool: Any
+    stack: contextlib.ExitStack, fk: FKData, cases: list[dict[str, Any]]
 ) -> tuple[str, Any, str]:
     """infinity-emb (``bench/infinity.py``: its throwaway venv) serving the bundled MiniLM in the
     service's dtype: its URL, a maker of ``/embeddings`` bodies (one history text each) and a
