@@ -38,9 +38,10 @@ from service.errors import (
     ValidationFailed,
 )
 from service.metrics import Metrics
-from service.protocol import ERROR_RESPONSES, RecommendRequest, ReindexRequest
+from service.protocol import ERROR_RESPONSES, RecommendRequest, ReindexRequest, ReloadRequest
 from service.recommend import Recommendation
 from service.reindex import Job
+from service.rollout import ModelJob, ModelsView
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -178,6 +179,33 @@ async def reindex_upload(
 @router.get("/items/reindex/{job_id}", response_model=Job, tags=["admin"])
 async def reindex_status(job_id: str, engine: EngineDep, _: AdminDep) -> Job:
     return engine.job(job_id)
+
+
+@router.get("/models", response_model=ModelsView, tags=["admin"])
+async def models(engine: EngineDep, _: AdminDep) -> ModelsView:
+    """The served model and its index, the previous model (what a rollback returns to), the
+    store's versions and aliases, and the latest model job."""
+    return engine.rollout.view()
+
+
+@router.post("/models/reload", status_code=202, response_model=ModelJob, tags=["admin"])
+async def reload_model(
+    engine: EngineDep, _: AdminDep, req: ReloadRequest | None = None
+) -> ModelJob:
+    """Switch to a store version (default: what CPREC_MODEL names now) without downtime: a
+    background job verifies, loads, indexes and warms it beside the served one, then swaps."""
+    return engine.rollout.reload(req.model if req is not None else None)
+
+
+@router.post("/models/rollback", status_code=202, response_model=ModelJob, tags=["admin"])
+async def rollback_model(engine: EngineDep, _: AdminDep) -> ModelJob:
+    """Switch back to the previous model, the same way; 409 when there is none."""
+    return engine.rollout.rollback()
+
+
+@router.get("/models/jobs/{job_id}", response_model=ModelJob, tags=["admin"])
+async def model_job(job_id: str, engine: EngineDep, _: AdminDep) -> ModelJob:
+    return engine.rollout.job(job_id)
 
 
 @router.get("/live", tags=["ops"])

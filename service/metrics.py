@@ -43,4 +43,7 @@ class Metrics:
         self.reindex_jobs = Counter(
             "cprec_reindex_jobs_total", "Reindex jobs", ["state"], registry=r
         )
+        self.model_jobs = Counter(
+            "cprec_model_jobs_total", "Model reload, rollback and watch jobs", ["state"], registry=r
+        )
         self.ready = Gauge("cprec_ready", "1 when serving", registry=r)

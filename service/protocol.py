@@ -78,6 +78,16 @@ class ReindexRequest(_Strict):
         return self
 
 
+class ReloadRequest(_Strict):
+    model: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="A store alias or version to serve; default: CPREC_MODEL (e.g. production).",
+    )
+
+
 class ErrorBody(BaseModel):
     code: str = Field(description="Stable machine-readable code, e.g. validation_error.")
     message: str = Field(description="What went wrong and, where possible, how to fix it.")
@@ -97,8 +107,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     for status, why in (
         (401, "Missing bearer token (admin routes)."),
         (403, "Wrong token, or admin routes disabled (no CPREC_ADMIN_TOKEN)."),
-        (404, "Unknown job or route."),
-        (409, "Another reindex job is queued or running."),
+        (404, "Unknown job, model version or route."),
+        (409, "Another reindex or model job is queued or running, or nothing to roll back."),
         (413, "A size limit was exceeded; the message names the setting."),
         (422, "Invalid input; details name the field and the reason."),
         (429, "The encoder queue is full; retry after Retry-After seconds."),

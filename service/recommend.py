@@ -98,6 +98,11 @@ class RequestPath:
             f"{m.version}:{fp}" if m.scorer == "text" else f"{m.version}:{m.scorer}:{fp}"
         )
 
+    def share_titles(self, other: RequestPath) -> None:
+        """Use ``other``'s title vectors: a model whose LM is the same (a new user model over
+        a frozen LM) encodes a title as it did."""
+        self._titles = other._titles
+
     def snapshot(self) -> ItemIndex:
         """The live snapshot, read once per request."""
         idx = self.live.current

@@ -19,10 +19,10 @@ import os
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -78,8 +78,16 @@ def release_memory() -> None:
 class Reindexer:
     """Builds snapshots for the served model and swaps them into ``live``."""
 
-    def __init__(self, parts: Parts, store: IndexStore) -> None:
+    def __init__(
+        self,
+        parts: Parts,
+        store: IndexStore,
+        guard: Callable[[], contextlib.AbstractAsyncContextManager[Any]] | None = None,
+    ) -> None:
         self.parts = parts
+        # Taken before the store's writer lock by every job: the engine's turn with model
+        # switches (service/rollout.py); none for a reindexer on its own.
+        self._guard = guard or contextlib.nullcontext
         self.model = parts.model
         self.store = store
         self.jobs: OrderedDict[str, Job] = OrderedDict()
@@ -269,6 +277,11 @@ class Reindexer:
         log.info("index %s (published by another process) is live", version)
         return True
 
+    @property
+    def busy(self) -> bool:
+        """A job of this reindexer is queued or running."""
+        return bool(self._tasks)
+
     def cancel(self) -> None:
         """Shutdown: running jobs fail as cancelled; the live snapshot is untouched."""
         for t in list(self._tasks):
@@ -286,7 +299,7 @@ class Reindexer:
             try:
                 # Queued until no other process writes this store; then start from the newest
                 # snapshot, which another worker may have published since this one last looked.
-                async with self.store.writer():
+                async with self._guard(), self.store.writer():
                     job.state = "running"
                     await self._show(job)
                     await self._catch_up()

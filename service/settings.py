@@ -198,8 +198,9 @@ class Settings(BaseSettings):
         default=1.0,
         ge=0,
         le=3600,
-        description="How often a process checks the store for an index snapshot another "
-        "process (a worker or a replica) published, and swaps it in; 0 = never.",
+        description="How often a process checks the store for an index snapshot or a model "
+        "switch (SERVING) that another process (a worker or a replica) published, and swaps it "
+        "in; 0 = never.",
     )
     admin_token: SecretStr | None = Field(
         default=None, description="Bearer token for admin endpoints; unset = admin endpoints off."
@@ -214,6 +215,14 @@ class Settings(BaseSettings):
     model: str = Field(
         default="production",
         description="Store alias/version to serve. If it does not exist, base_model is served.",
+    )
+    model_watch_s: float = Field(
+        default=0.0,
+        ge=0,
+        le=86400,
+        description="How often to check where `model` (an alias) points and roll its version "
+        "out when it has moved (as POST /models/reload would); 0 = never. After a rollback, or "
+        "a version that failed to roll out, the watcher waits until the alias moves again.",
     )
     base_model: str = Field(
         default="minilm-l6",

@@ -32,15 +32,17 @@ PUBLIC_GET = {"/items/search"}  # the catalogue title search (the demo page's): 
 
 
 async def _admin_routes(client: Any) -> list[tuple[str, str]]:
-    """Every route that changes state (any method but GET) plus the job-status read, from the
-    app's own OpenAPI schema, so a route added later is covered without editing this test."""
+    """Every route that changes state (any method but GET) plus the job-status and model reads,
+    from the app's own OpenAPI schema, so a route added later is covered without editing this
+    test."""
     paths = (await client.get("/openapi.json")).json()["paths"]
     out = []
     for path, ops in paths.items():
         for m in ops:
             if path in READ_ONLY_POST and m == "post":
                 continue
-            if m.upper() != "GET" or (path.startswith("/items") and path not in PUBLIC_GET):
+            admin_get = path.startswith(("/items", "/models")) and path not in PUBLIC_GET
+            if m.upper() != "GET" or admin_get:
                 out.append((m.upper(), path.replace("{job_id}", "abc")))
     return out
 
@@ -50,6 +52,8 @@ async def test_every_state_changing_route_is_admin_only(app_client: Any) -> None
         routes = await _admin_routes(client)
         assert ("POST", "/items/reindex") in routes and ("POST", "/items/reindex/upload") in routes
         assert ("GET", "/items/reindex/abc") in routes
+        for route in (("GET", "/models"), ("POST", "/models/reload"), ("GET", "/models/jobs/abc")):
+            assert route in routes
         assert not [p for _, p in routes if p in ("/live", "/ready", "/metrics", "/recommend")]
         for method, path in routes:
             r = await client.request(method, path)
@@ -64,7 +68,7 @@ async def test_every_state_changing_route_is_admin_only(app_client: Any) -> None
                 r = await client.request(method, path, headers=bad)
                 assert r.status_code in (401, 403), (method, path, bad, r.text)
                 assert r.json()["error"]["code"] in ("unauthorized", "forbidden")
-        assert not engine.jobs  # nothing got through
+        assert not engine.jobs and not engine.rollout.jobs  # nothing got through
 
 
 async def test_admin_routes_disabled_without_a_token(app_client: Any) -> None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -79,3 +83,85 @@ def publish_hier(
             aliases=aliases,
             extra_files={f"hier/{p.name}": p for p in sorted(saved.iterdir())},
         )
+
+
+def retrained_lm(src: Path, out: Path, seed: int = 7) -> Path:
+    """A copy of the HF folder ``src`` whose weights are all moved a little (a retrained LM:
+    other files, other checksums, other vectors), tokenizer unchanged."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, out)
+    state = load_file(str(out / "model.safetensors"))
+    gen = torch.Generator().manual_seed(seed)
+    moved = {
+        k: (v + 0.05 * torch.randn(v.shape, generator=gen)).contiguous()
+        if v.is_floating_point()
+        else v
+        for k, v in state.items()
+    }
+    save_file(moved, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+# -- model rollout (tests/service/test_service_models.py, tests/reliability/test_rel_models.py) --
+CPU = {"device": "cpu", "dtype": "float32"}
+
+
+def publish_versions(store: Path, lm_dir: Path, work: Path) -> Path:
+    """A store with ``hier-v1`` (alias ``production``), ``hier-v2`` (the same LM files, another
+    user model: a retrain with a frozen LM) and ``hier-v3`` (a retrained LM)."""
+    from testutil import tiny_hier
+
+    publish_hier(store, lm_dir, tiny_hier(seed=1), version="hier-v1")
+    publish_hier(store, lm_dir, tiny_hier(seed=2), version="hier-v2", aliases=())
+    lm3 = retrained_lm(lm_dir, work / "lm-v3")
+    publish_hier(store, lm3, tiny_hier(seed=3), version="hier-v3", aliases=())
+    return store
+
+
+def built_pairs(store: Path) -> set[tuple[str, str]]:
+    """Every (model_version, index_version) a snapshot on disk was built for: the pairs a
+    response may name."""
+    return {
+        (m.name, i.name)
+        for m in (store / "indexes").iterdir()
+        if (m / "versions").is_dir()
+        for i in (m / "versions").iterdir()
+        if not i.name.startswith(".")
+    }
+
+
+@asynccontextmanager
+async def serve(settings: Any, **engine_kw: Any) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
+    """``async with serve(settings) as (client, engine)``: the app with its lifespan run, the
+    model loaded by ``Engine.start`` (from the store unless ``model=`` is given)."""
+    from service.api import create_app
+    from service.engine import Engine
+
+    engine = Engine(settings, **engine_kw)
+    app = create_app(engine=engine)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as c:
+            yield c, engine
+
+
+async def wait_model_job(
+    client: httpx.AsyncClient,
+    job_id: str,
+    headers: dict[str, str] | None = None,
+    timeout: float = 60,
+) -> dict[str, Any]:
+    """Poll ``GET /models/jobs/{job_id}`` until the job has succeeded or failed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = await client.get(f"/models/jobs/{job_id}", headers=headers or admin())
+        assert r.status_code == 200, r.text
+        body: dict[str, Any] = r.json()
+        if body["state"] in ("succeeded", "failed"):
+            return body
+        assert time.monotonic() < deadline, f"model job {job_id} still {body['state']}"
+        await asyncio.sleep(0.02)
