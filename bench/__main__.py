@@ -236,7 +236,9 @@ TABLES: list[tuple[str, str, str, str, list[str]]] = [
         "rows",
         "Serving the hier model",
         "Cache-miss traffic at concurrency 32, interleaved rounds (each service and traffic in "
-        "turn, each round with histories never sent before). flat = the base MiniLM over the "
+        "turn; titles, flat and infinity rounds send histories never sent before, id and "
+        "catalog-titles rounds one set of histories with a new k each round and the "
+        "benchmark's Redis flushed before it: every request a miss). flat = the base MiniLM over the "
         "history text; hier = a random-weight model of the CPU recipe's shape from the store "
         "(the work per request does not depend on the weights); hier-2w = the same with "
         "CPREC_WORKERS=2. id = FK-LOO histories as item ids; catalog-titles = as the catalogue "
