@@ -35,8 +35,9 @@ from service.metrics import Metrics
 from service.protocol import RecommendRequest
 from service.recommend import Recommendation, RequestPath
 from service.reindex import Job, Reindexer, release_memory
-from service.rollout import LOCK, ModelRef, Rollout, Serving, fits, store_lock
+from service.rollout import LOCK, ModelRef, Rollout, Serving, fits
 from service.settings import Resolved, Settings
+from service.storefiles import store_lock
 
 log = logging.getLogger(__name__)
 

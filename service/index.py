@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import logging
-import os
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -40,6 +38,7 @@ from model_store import ArtifactError, publish_dir, verify, write_atomic
 from service.batcher import TickBatcher
 from service.cache import Hits
 from service.catalog import Item
+from service.storefiles import store_lock
 
 log = logging.getLogger(__name__)
 
@@ -321,23 +320,11 @@ class IndexStore:
             self.root / "versions" / version, use_gpu=use_gpu, ef_search=ef_search, scorer=scorer
         )
 
-    @contextlib.asynccontextmanager
-    async def writer(self, poll_s: float = 0.05) -> AsyncIterator[None]:
-        """The store's one writer, across processes (an flock on ``writer.lock``, released by
-        the kernel if the holder dies): builds, saves and partial-snapshot cleanup happen under
-        it, so two processes never merge into, or clean up, each other's half-written work."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / "writer.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    await asyncio.sleep(poll_s)
-            yield
-        finally:
-            os.close(fd)  # releases the lock
+    def writer(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """The store's one writer, across processes (``writer.lock``): builds, saves and
+        partial-snapshot cleanup happen under it, so two processes never merge into, or clean
+        up, each other's half-written work."""
+        return store_lock(self.root / "writer.lock")
 
     def cleanup_partial(self) -> None:
         """Remove half-written snapshots left by a crash."""

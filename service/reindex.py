@@ -15,7 +15,6 @@ import contextlib
 import ctypes
 import json
 import logging
-import os
 import time
 import uuid
 from collections import OrderedDict
@@ -29,6 +28,7 @@ import numpy as np
 from service.catalog import Item, check_unique, load_catalog_file, parse_catalog
 from service.errors import Conflict, NotFound, NotReady, ValidationFailed
 from service.index import IndexStore, ItemIndex
+from service.storefiles import write_status
 
 if TYPE_CHECKING:
     from service.engine import Parts
@@ -235,22 +235,11 @@ class Reindexer:
         return self.store.root / "jobs" / f"{job_id}.json"
 
     def _show_now(self, job: Job) -> None:
-        """Write ``job``'s status where every worker reads it (temp file + rename: a reader
-        sees a whole status); old statuses beyond ``JOBS_KEPT`` are removed."""
+        """Write ``job``'s status where every worker reads it."""
         self._shown = time.monotonic()
         path = self._job_path(job.job_id)
         assert path is not None
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}")
-            tmp.write_bytes(job.to_json())
-            os.replace(tmp, path)
-            if job.finished_at is not None:
-                kept = sorted(path.parent.glob("*.json"), key=lambda p: p.stat().st_mtime)
-                for old in kept[:-JOBS_KEPT]:
-                    old.unlink(missing_ok=True)
-        except OSError as exc:  # the status stays visible to this worker
-            log.warning("cannot write job status %s: %s", path, exc)
+        write_status(path, job.to_json(), JOBS_KEPT, job.finished_at is not None)
 
     async def _show(self, job: Job) -> None:
         await asyncio.to_thread(self._show_now, job)

@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import logging
-import os
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -43,6 +41,7 @@ from service.errors import Conflict, NotFound, NotReady
 from service.index import ItemIndex
 from service.protocol import IdEntry, RecommendRequest, TitleEntry
 from service.reindex import release_memory
+from service.storefiles import store_lock, write_status
 
 if TYPE_CHECKING:
     from service.engine import Engine, Generation
@@ -160,24 +159,6 @@ class ModelsView:
     aliases: dict[str, str]
     watch_s: float
     job: ModelJob | None
-
-
-@contextlib.asynccontextmanager
-async def store_lock(path: Path, poll_s: float = 0.05) -> AsyncIterator[None]:
-    """An exclusive flock on ``path`` across processes (and across tasks of one process: each
-    holder opens its own descriptor); released by the kernel if the holder dies."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                await asyncio.sleep(poll_s)
-        yield
-    finally:
-        os.close(fd)
 
 
 def lm_files(files: Mapping[str, str]) -> dict[str, str]:
@@ -640,22 +621,12 @@ class Rollout:
         return self.root / JOBS_DIR / f"{job_id}.json"
 
     def _show(self, job: ModelJob) -> None:
-        """Write ``job``'s status where every worker reads it (temp file + rename)."""
+        """Write ``job``'s status where every worker reads it."""
         if job.action == "follow":
             return
         path = self._job_path(job.job_id)
         assert path is not None
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}")
-            tmp.write_bytes(job.to_json())
-            os.replace(tmp, path)
-            if job.finished_at is not None:
-                kept = sorted(path.parent.glob("*.json"), key=lambda p: p.stat().st_mtime)
-                for old in kept[:-JOBS_KEPT]:
-                    old.unlink(missing_ok=True)
-        except OSError as exc:  # the status stays visible to this worker
-            log.warning("cannot write job status %s: %s", path, exc)
+        write_status(path, job.to_json(), JOBS_KEPT, job.finished_at is not None)
 
 
 def _reindexing(gen: Generation) -> Any:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -165,3 +165,80 @@ async def wait_model_job(
             return body
         assert time.monotonic() < deadline, f"model job {job_id} still {body['state']}"
         await asyncio.sleep(0.02)
+
+
+@contextmanager
+def worker_processes(
+    tmp_path: Path,
+    settings: dict[str, str],
+    n: int = 2,
+    timeout: float = 120,
+    store: Path | None = None,
+) -> Iterator[dict[int, httpx.Client]]:
+    """``python -m service`` with ``CPREC_WORKERS=n`` on a free port (the demo CATALOG, the
+    admin token, CPU, none of the caller's CPREC_* or REDIS_URL), yielding one keep-alive
+    connection per worker by worker number (a connection stays with the worker that accepted
+    it); SIGTERM at the end must stop them all with status 0."""
+    import os
+    import subprocess
+    import sys
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CPREC_") and k != "REDIS_URL"}
+    env.update(
+        {
+            "CPREC_WORKERS": str(n),
+            "CPREC_INDEX_SYNC_S": "0.2",
+            "CPREC_STORE_DIR": str(store or tmp_path / "store"),
+            "CPREC_CATALOG_PATH": str(write_jsonl(tmp_path / "catalog.jsonl", CATALOG)),
+            "CPREC_ADMIN_TOKEN": ADMIN_TOKEN,
+            "CPREC_DEVICE": "cpu",
+            "CPREC_LOG_LEVEL": "WARNING",
+            "HF_HUB_OFFLINE": "1",
+            **settings,
+        }
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service", "--port", str(port)],
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    clients: dict[int, httpx.Client] = {}
+    try:
+        clients = _meet_workers(proc, f"http://127.0.0.1:{port}", n, timeout)
+        yield clients
+        for c in clients.values():
+            c.close()
+        proc.send_signal(15)
+        assert proc.wait(60) == 0
+    finally:
+        for c in clients.values():
+            c.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def _meet_workers(proc: Any, base: str, n: int, timeout: float) -> dict[int, httpx.Client]:
+    """A ready keep-alive connection to each of ``n`` workers (new connections land on
+    whichever worker accepts first, so keep opening until each has been met)."""
+    found: dict[int, httpx.Client] = {}
+    deadline = time.monotonic() + timeout
+    while len(found) < n:
+        assert proc.poll() is None, f"service exited:\n{proc.stdout.read()}"
+        assert time.monotonic() < deadline, f"met workers {sorted(found)} of {n}"
+        c = httpx.Client(base_url=base, timeout=30)
+        try:
+            r = c.get("/ready")
+            w = r.json().get("worker") if r.status_code == 200 else None
+        except (httpx.TransportError, json.JSONDecodeError):
+            w = None
+        if w is not None and w not in found:
+            found[w] = c
+        else:
+            c.close()
+            time.sleep(0.05)
+    return found

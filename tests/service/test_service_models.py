@@ -12,10 +12,6 @@ retrained LM).
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -26,15 +22,13 @@ import httpx
 import numpy as np
 import pytest
 from svc_util import (
-    ADMIN_TOKEN,
     CATALOG,
     CPU,
     admin,
-    free_port,
     publish_versions,
     serve,
     wait_model_job,
-    write_jsonl,
+    worker_processes,
 )
 
 from cprec.encoder import HFEncoder
@@ -388,33 +382,8 @@ def test_two_worker_processes_switch_together(tmp_path: Path, store: Path) -> No
     interval, and every answer names a model and index that were built together."""
     from svc_util import built_pairs
 
-    port = free_port()
-    catalog = write_jsonl(tmp_path / "catalog.jsonl", CATALOG)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CPREC_") and k != "REDIS_URL"}
-    env.update(
-        {
-            "CPREC_WORKERS": "2",
-            "CPREC_INDEX_SYNC_S": "0.2",
-            "CPREC_STORE_DIR": str(store),
-            "CPREC_CATALOG_PATH": str(catalog),
-            "CPREC_ADMIN_TOKEN": ADMIN_TOKEN,
-            "CPREC_DEVICE": "cpu",
-            "CPREC_DTYPE": "float32",
-            "CPREC_FAISS_GPU": "false",
-            "CPREC_LOG_LEVEL": "WARNING",
-            "HF_HUB_OFFLINE": "1",
-        }
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service", "--port", str(port)],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        workers = _wait_workers(proc, f"http://127.0.0.1:{port}", 2, timeout=120)
+    settings = {"CPREC_DTYPE": "float32", "CPREC_FAISS_GPU": "false"}
+    with worker_processes(tmp_path, settings, store=store) as workers:
         a, b = workers[0], workers[1]
         assert b.get("/ready").json()["model_version"] == "hier-v1"
         r = a.post("/models/reload", json={"model": "hier-v2"}, headers=admin())
@@ -440,34 +409,3 @@ def test_two_worker_processes_switch_together(tmp_path: Path, store: Path) -> No
         assert pairs <= built_pairs(store), pairs
         view = b.get("/models", headers=admin()).json()
         assert view["served"]["version"] == "hier-v2" and view["previous"]["version"] == "hier-v1"
-        for c in workers.values():
-            c.close()
-        proc.send_signal(15)
-        assert proc.wait(60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-
-
-def _wait_workers(
-    proc: subprocess.Popen[str], base: str, n: int, timeout: float
-) -> dict[int, httpx.Client]:
-    """A ready keep-alive connection to each of ``n`` workers."""
-    found: dict[int, httpx.Client] = {}
-    deadline = time.monotonic() + timeout
-    while len(found) < n:
-        assert proc.poll() is None, f"service exited:\n{proc.stdout.read()}"  # type: ignore[union-attr]
-        assert time.monotonic() < deadline, f"met workers {sorted(found)} of {n}"
-        c = httpx.Client(base_url=base, timeout=30)
-        try:
-            r = c.get("/ready")
-            w = r.json().get("worker") if r.status_code == 200 else None
-        except (httpx.TransportError, json.JSONDecodeError):
-            w = None
-        if w is not None and w not in found:
-            found[w] = c
-        else:
-            c.close()
-            time.sleep(0.05)
-    return found

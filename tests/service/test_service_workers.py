@@ -8,18 +8,14 @@ one worker holds); the last starts ``python -m service`` with two real workers o
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from svc_util import ADMIN_TOKEN, CATALOG, admin, free_port, write_jsonl
+from svc_util import CATALOG, admin, worker_processes
 
 from cprec.encoder import FakeEncoder
 from cprec.recommender import Recommender
@@ -124,36 +120,8 @@ def test_two_worker_processes_on_one_port(tmp_path: Path, tiny_bert_dir: Path) -
     """``CPREC_WORKERS=2``: both answer on one port; a reindex sent to one is served by the
     other within the sync interval; while it lands, every answer names a snapshot that was
     published whole, with items from that snapshot only; SIGTERM stops both (exit 0)."""
-    port = free_port()
-    catalog = write_jsonl(tmp_path / "catalog.jsonl", CATALOG)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CPREC_") and k != "REDIS_URL"}
-    env.update(
-        {
-            "CPREC_WORKERS": "2",
-            "CPREC_INDEX_SYNC_S": "0.2",
-            "CPREC_STORE_DIR": str(tmp_path / "store"),
-            "CPREC_CATALOG_PATH": str(catalog),
-            "CPREC_BASE_MODEL": str(tiny_bert_dir),
-            "CPREC_ADMIN_TOKEN": ADMIN_TOKEN,
-            "CPREC_DEVICE": "cpu",
-            "CPREC_LOG_LEVEL": "WARNING",
-            "HF_HUB_OFFLINE": "1",
-        }
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service", "--port", str(port)],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        workers = _wait_workers(proc, base, 2, timeout=120)
-        # One keep-alive connection per worker (a connection stays with the worker that took it).
-        by_worker = {w: c for w, c in workers.items()}
-        a, b = by_worker[0], by_worker[1]
+    with worker_processes(tmp_path, {"CPREC_BASE_MODEL": str(tiny_bert_dir)}) as workers:
+        a, b = workers[0], workers[1]
         old = a.get("/ready").json()["index_version"]
         assert b.get("/ready").json()["index_version"] == old
         new_item = {"item_id": "b9", "domain": "Books", "title": "Coffee Saga Volume Nine"}
@@ -188,35 +156,3 @@ def test_two_worker_processes_on_one_port(tmp_path: Path, tiny_bert_dir: Path) -
             assert ("b9" in items) <= (version == new)  # the new item only with its snapshot
         r = b.post("/recommend", json={"history": [{"item_id": "b9"}], "k": 3})
         assert r.status_code == 200 and r.json()["index_version"] == new
-        for c in by_worker.values():
-            c.close()
-        proc.send_signal(15)
-        assert proc.wait(60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-
-
-def _wait_workers(
-    proc: subprocess.Popen[str], base: str, n: int, timeout: float
-) -> dict[int, httpx.Client]:
-    """A ready keep-alive connection to each of ``n`` workers (new connections land on
-    whichever worker accepts first, so keep opening until each has been met)."""
-    found: dict[int, httpx.Client] = {}
-    deadline = time.monotonic() + timeout
-    while len(found) < n:
-        assert proc.poll() is None, f"service exited:\n{proc.stdout.read()}"  # type: ignore[union-attr]
-        assert time.monotonic() < deadline, f"met workers {sorted(found)} of {n}"
-        c = httpx.Client(base_url=base, timeout=30)
-        try:
-            r = c.get("/ready")
-            w = r.json().get("worker") if r.status_code == 200 else None
-        except httpx.TransportError:
-            w = None
-        if w is not None and w not in found:
-            found[w] = c
-        else:
-            c.close()
-            time.sleep(0.05)
-    return found
