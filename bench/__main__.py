@@ -235,18 +235,18 @@ TABLES: list[tuple[str, str, str, str, list[str]]] = [
         "serve_hier",
         "rows",
         "Serving the hier model",
-        "Cache-miss traffic at concurrency 32, interleaved rounds (each service and traffic in "
-        "turn; titles, flat and infinity rounds send histories never sent before, id and "
+        "Cache-miss traffic at concurrency 32, interleaved rounds (each service and traffic in"
+        " turn; titles, flat and infinity rounds send histories never sent before, id and "
         "catalog-titles rounds one set of histories with a new k each round and the "
-        "benchmark's Redis flushed before it: every request a miss). flat = the base MiniLM over the "
-        "history text; hier = a random-weight model of the CPU recipe's shape from the store "
-        "(the work per request does not depend on the weights); hier-2w = the same with "
-        "CPREC_WORKERS=2. id = FK-LOO histories as item ids; catalog-titles = as the catalogue "
-        "items' titles; titles = a third of the items named by a title the catalogue lacks "
-        "(encoded by the LM unless the process met it before); infinity = infinity-emb "
-        "embedding the history text (POST /embeddings). machine_busy = share of both cores busy "
-        "during the rounds (service, load generator, Redis); rss_mib = the service's resident "
-        "memory after start (all its processes).",
+        "benchmark's Redis flushed before it: every request a miss). flat = the base MiniLM "
+        "over the history text; hier = a random-weight model of the CPU recipe's shape from "
+        "the store (the work per request does not depend on the weights); hier-2w = the same "
+        "with CPREC_WORKERS=2. id = FK-LOO histories as item ids; catalog-titles = as the "
+        "catalogue items' titles; titles = a third of the items named by a title the catalogue"
+        " lacks (encoded by the LM unless the process met it before); infinity = infinity-emb "
+        "embedding the history text (POST /embeddings). machine_busy = share of both cores "
+        "busy during the rounds (service, load generator, Redis); rss_mib = the service's "
+        "resident memory after start (all its processes).",
         [
             "service", "history", "requests", "failed", "rps", "p50_ms", "p95_ms", "p99_ms",
             "machine_busy", "rss_mib",
