@@ -236,6 +236,9 @@ class Batcher:
         self._carry: _Pending | None = None
         self._worker: asyncio.Task[None] | None = None
         self._inflight = 0
+        # Admitted texts still being tokenised: counted in depth, so that the calls of one tick
+        # (each admitted before any is queued) cannot pass queue_size together.
+        self._admitted = 0
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -255,7 +258,7 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        return (self._queue.qsize() if self._queue else 0) + self._inflight
+        return (self._queue.qsize() if self._queue else 0) + self._inflight + self._admitted
 
     async def run_on_device(self, fn: Any, *args: Any) -> Any:
         """Run ``fn`` on the device thread (the reindex job embeds through here)."""
@@ -271,7 +274,7 @@ class Batcher:
     async def _tokenize_items(self, texts: list[str]) -> list[list[int]]:
         return await self.tokenize(texts, "item")
 
-    def _admit(self) -> None:
+    def _admit(self, n: int = 1) -> None:
         if self._queue is None:
             raise RuntimeError("batcher not started")
         if self.depth >= self.queue_size:
@@ -280,6 +283,7 @@ class Batcher:
                 details={"queue_size": self.queue_size},
                 retry_after_s=1,
             )
+        self._admitted += n
 
     async def embed(self, text: str, kind: TextKind = "query") -> np.ndarray:
         """One text -> [D] unit vector, batched with whatever else is waiting: a user text
@@ -291,12 +295,15 @@ class Batcher:
         """The texts of one request, admitted together: a history with several titles to encode
         is refused whole while the queue is full, or queued whole (``queue_size`` bounds the
         requests waiting, not how many titles each brings: at most the model's history length)."""
-        self._admit()
+        self._admit(len(texts))
         return list(await asyncio.gather(*(self._embed(t, kind) for t in texts)))
 
     async def _embed(self, text: str, kind: TextKind) -> np.ndarray:
         assert self._queue is not None
-        ids = await (self._queries if kind == "query" else self._items)(text)
+        try:
+            ids = await (self._queries if kind == "query" else self._items)(text)
+        finally:
+            self._admitted -= 1  # queued (or failed) from here on, with no await in between
         if not self.enabled:
             self._inflight += 1
             try:

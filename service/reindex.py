@@ -28,7 +28,7 @@ import numpy as np
 from service.catalog import Item, check_unique, load_catalog_file, parse_catalog
 from service.errors import Conflict, NotFound, NotReady, ValidationFailed
 from service.index import IndexStore, ItemIndex
-from service.storefiles import write_status
+from service.storefiles import JOBS_KEPT, write_status
 
 if TYPE_CHECKING:
     from service.engine import Parts
@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Mode = Literal["full", "upsert", "delete"]
-JOBS_KEPT = 100  # finished jobs whose status stays queryable
 JOB_SHOW_S = 0.5  # how often a running job's progress is written for the other workers
 
 

@@ -41,7 +41,7 @@ from service.errors import Conflict, NotFound, NotReady
 from service.index import ItemIndex
 from service.protocol import IdEntry, RecommendRequest, TitleEntry
 from service.reindex import release_memory
-from service.storefiles import store_lock, write_status
+from service.storefiles import JOBS_KEPT, store_lock, write_status
 
 if TYPE_CHECKING:
     from service.engine import Engine, Generation
@@ -53,7 +53,6 @@ Action = Literal["reload", "rollback", "watch", "follow"]
 SERVING = "SERVING"
 LOCK = "models.lock"
 JOBS_DIR = "model-jobs"
-JOBS_KEPT = 100  # finished jobs whose status stays queryable
 # Files of an artifact that are not the LM's: the user model, the recommender's config (compared
 # field by field instead), the store's manifest and model card.
 _NOT_LM = {CONFIG, CARD, MANIFEST, MANIFEST_SUM}

@@ -16,6 +16,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+JOBS_KEPT = 100  # finished jobs whose status stays queryable, per kind of job
+
 
 @contextlib.asynccontextmanager
 async def store_lock(path: Path, poll_s: float = 0.05) -> AsyncIterator[None]:

@@ -323,3 +323,21 @@ async def test_a_request_s_titles_are_admitted_together() -> None:
     finally:
         enc.release.set()
         await b.stop()
+
+
+async def test_one_tick_burst_is_bounded_by_queue_size() -> None:
+    """Calls of one tick are each admitted before any is tokenised and queued: the ones past
+    queue_size are refused, not all queued together."""
+    enc = BlockingEncoder()
+    b = await _batcher(enc, max_batch_size=1, max_wait_ms=0, queue_size=4)
+    try:
+        calls = [asyncio.ensure_future(b.embed(t)) for t in TEXTS[:10]]
+        await asyncio.to_thread(enc.entered.wait, 5)
+        refused = [c for c in calls if c.done() and isinstance(c.exception(), Overloaded)]
+        assert len(refused) == 6 and b.depth == 4
+        enc.release.set()
+        done = await asyncio.gather(*calls, return_exceptions=True)
+        assert sum(isinstance(d, np.ndarray) for d in done) == 4
+    finally:
+        enc.release.set()
+        await b.stop()
